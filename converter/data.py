@@ -1,0 +1,161 @@
+"""Calibration, evaluation and training data: ``.npz``, ``.npy`` or a folder of images.
+
+* ``.npz``: ``x`` (and optional integer labels ``y``); a multi-input model takes ``x0``, ``x1``...
+* ``.npy``: inputs only.
+* a folder of images (png/jpg/bmp/gif/webp): resized to the model's input height and width,
+  converted to 1 or 3 channels as the input needs, scaled to ``value_range`` (default [0, 1]).
+  Images in sub-folders are labelled by the sorted index of their sub-folder (ImageNet layout).
+
+Every array is checked against the model's input shape here, so a wrong shape is reported
+once, clearly, and not as a TensorFlow stack trace mid-conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from sdk.deps import require
+from sdk.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+__all__ = ["Dataset", "InputSpec", "load_dataset"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as the data loader needs it: name, shape (batch first) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass
+class Dataset:
+    """Inputs (one array per model input, batch first) and optional labels."""
+
+    xs: list[np.ndarray]
+    y: Optional[np.ndarray]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.xs[0].shape[0])
+
+    def take(self, n: Optional[int]) -> "Dataset":
+        if n is None or n >= len(self):
+            return self
+        return Dataset([x[:n] for x in self.xs], None if self.y is None else self.y[:n], self.source)
+
+    def sample(self, i: int) -> list[np.ndarray]:
+        """Sample ``i`` as a batch of one per input."""
+        return [x[i : i + 1] for x in self.xs]
+
+    @property
+    def value_range(self) -> list[tuple[float, float]]:
+        return [(float(np.min(x)), float(np.max(x))) for x in self.xs]
+
+
+def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    Image = require("PIL.Image", "converter", "to read image folders")
+    if len(spec.shape) != 4:
+        raise DataError(
+            f"image folder {folder} given, but model input {spec.name!r} has shape {list(spec.shape)}, "
+            "not (batch, height, width, channels): pass a .npz or .npy instead"
+        )
+    _, height, width, channels = spec.shape
+    if channels not in (1, 3):
+        raise DataError(f"model input {spec.name!r} has {channels} channels; image folders support 1 or 3")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    labelled = [(p, i) for i, d in enumerate(subdirs) for p in sorted(d.iterdir())] if subdirs else []
+    files = labelled or [(p, -1) for p in sorted(folder.iterdir())]
+    files = [(p, label) for p, label in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.float32)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+        arrays.append(arr.reshape(height, width, channels))
+    low, high = value_range
+    x = np.stack(arrays) / 255.0 * (high - low) + low
+    y = np.array([label for _, label in files], dtype=np.int64) if labelled else None
+    return x.astype(np.float32), y
+
+
+def _check(x: np.ndarray, spec: InputSpec, what: str, source: str) -> np.ndarray:
+    want = tuple(spec.shape[1:])
+    got = tuple(x.shape[1:])
+    if x.ndim != len(spec.shape) or any(w > 0 and w != g for w, g in zip(want, got)):
+        hint = ""
+        if x.ndim + 1 == len(spec.shape) and got == want[:-1] and want[-1] == 1:
+            hint = " (add the channel axis: x[..., None])"
+        raise DataError(
+            f"{what} data {source} has samples of shape {list(got)}, but model input {spec.name!r} "
+            f"expects {list(want)}{hint}"
+        )
+    if x.shape[0] == 0:
+        raise DataError(f"{what} data {source} is empty")
+    return x.astype(np.dtype(spec.dtype), copy=False)
+
+
+def load_dataset(
+    path: PathLike,
+    inputs: Sequence[InputSpec],
+    *,
+    what: str = "calibration",
+    limit: Optional[int] = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> Dataset:
+    """Load ``path`` for a model with ``inputs``; raise DataError with the fix when it does not fit."""
+    p = Path(path)
+    source = str(p)
+    if not p.exists():
+        raise DataError(f"{what} data {p} does not exist: check the path")
+    y = None
+    if p.is_dir():
+        if len(inputs) != 1:
+            raise DataError("image folders work for single-input models only: pass a .npz with x0, x1, ...")
+        x, y = _images(p, inputs[0], value_range)
+        xs = [x]
+    elif p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                keys = set(npz.files)
+                if "x" in keys and len(inputs) == 1:
+                    xs = [npz["x"]]
+                elif all(f"x{i}" in keys for i in range(len(inputs))):
+                    xs = [npz[f"x{i}"] for i in range(len(inputs))]
+                else:
+                    names = "x" if len(inputs) == 1 else ", ".join(f"x{i}" for i in range(len(inputs)))
+                    raise DataError(f"{what} data {p} has arrays {sorted(keys)}; expected {names} (and optional y)")
+                y = npz["y"] if "y" in keys else None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {what} data {p}: {exc}") from exc
+    elif p.suffix == ".npy":
+        if len(inputs) != 1:
+            raise DataError(".npy holds one array: a multi-input model needs a .npz with x0, x1, ...")
+        try:
+            xs = [np.load(p, allow_pickle=False)]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {what} data {p}: {exc}") from exc
+    else:
+        raise DataError(f"{what} data {p}: use a .npz (x, optional y), a .npy, or a folder of images")
+    xs = [_check(np.asarray(x), spec, what, source) for x, spec in zip(xs, inputs)]
+    if len({x.shape[0] for x in xs}) != 1:
+        raise DataError(f"{what} data {p}: inputs have different sample counts")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape[0] != xs[0].shape[0]:
+            raise DataError(f"{what} data {p}: {y.shape[0]} labels for {xs[0].shape[0]} samples")
+    return Dataset(xs, y, source).take(limit)

@@ -1,0 +1,1 @@
+"""edgesdk's fleet manager (issue 4)."""
