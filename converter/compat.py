@@ -97,7 +97,7 @@ def _edgetpu_node_problem(n: NodeInfo) -> str:
     for t in n.inputs + n.outputs:
         if not _static(t):
             return f"tensor {_short(t)} has a dynamic shape {t.shape_signature}"
-        if len(t.shape) > 3 and sum(1 for d in t.shape[:-3] if d > 1):
+        if not t.constant and len(t.shape) > 3 and sum(1 for d in t.shape[:-3] if d > 1):
             return f"tensor {_short(t)} has shape {t.shape}: more than 3 dimensions larger than 1"
     return ""
 

@@ -284,7 +284,7 @@ def convert(
         "notes": notes,
     }
     if target != "cpu":
-        notes.append(f"latency measured on this machine's CPU, not on a {target}")
+        notes.append(f"latency measured on this machine's CPU (XNNPACK), not on the {target} target's accelerator")
 
     ok = [c for c in requested if c["status"] == "ok"]
     within = [c for c in ok if c["within_budget"]]

@@ -28,6 +28,7 @@ class TensorInfo:
     dtype: str
     scale: float = 0.0
     zero_point: int = 0
+    constant: bool = field(default=False, compare=False)
 
     @property
     def quantized(self) -> bool:
@@ -38,7 +39,9 @@ class TensorInfo:
         return all(d > 0 for d in self.shape_signature)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("constant")
+        return d
 
 
 @dataclass
@@ -116,7 +119,9 @@ def read_model_info(model: bytes) -> ModelInfo:
         shape = [int(d) for d in (t.shape if t.shape is not None else [])]
         sig = [int(d) for d in t.shapeSignature] if t.shapeSignature is not None else list(shape)
         name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-        return TensorInfo(name, shape, sig, type_names.get(t.type, str(t.type)), scale, zero)
+        buf = m.buffers[t.buffer] if t.buffer < len(m.buffers) else None
+        constant = buf is not None and (buf.data is not None and len(buf.data) > 0 or bool(getattr(buf, "size", 0)))
+        return TensorInfo(name, shape, sig, type_names.get(t.type, str(t.type)), scale, zero, constant)
 
     nodes = []
     for idx, op in enumerate(sub.operators or []):

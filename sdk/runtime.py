@@ -18,10 +18,15 @@ All LiteRT/TensorFlow errors are translated here, at this one boundary.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import importlib
 import logging
+import os
 import re
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -287,6 +292,33 @@ def _preflight_library(path: str, what: str, hint: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to fd 2 meanwhile to the debug log instead of the terminal.
+
+    LiteRT's GPU accelerator probe prints dozens of INFO/WARNING lines from C++ even when it
+    merely finds no GPU; the caller gets our one-line reason instead.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace").strip()
+            if text:
+                log.debug("native runtime output:\n%s", text)
+
+
 def _make_interpreter(rt: Runtime, model: bytes, threads: Optional[int], delegates: list[Any]) -> Any:
     kwargs: dict[str, Any] = {"model_content": model}
     if threads:
@@ -332,16 +364,23 @@ def _open_gpu(rt: Runtime, model: bytes, opts: DelegateOptions, fallbacks: list[
     try:
         cm = importlib.import_module("ai_edge_litert.compiled_model")
         ha = importlib.import_module("ai_edge_litert.hardware_accelerator")
-        compiled = cm.CompiledModel.from_buffer(model, hardware_accel=ha.HardwareAccelerator.GPU)
-    except (ImportError, AttributeError) as exc:
+    except ImportError as exc:
         raise DelegateUnavailableError(
             f"this ai-edge-litert ({rt.version}) has no CompiledModel GPU accelerator: pip install -U ai-edge-litert"
         ) from exc
-    except RuntimeError as exc:
+    failure = ""
+    with _native_stderr_to_log():
+        try:
+            compiled = cm.CompiledModel.from_buffer(model, hardware_accel=ha.HardwareAccelerator.GPU)
+        except RuntimeError as exc:
+            failure = str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
+        gc.collect()  # the failed accelerator environment logs its teardown: let it happen in here
+    if failure:
+        log.debug("LiteRT GPU accelerator failed: %s", failure)
         raise DelegateUnavailableError(
             "LiteRT's GPU accelerator found no usable GPU (it needs a Vulkan/OpenCL driver): "
             "install the GPU driver, or set gpu_delegate_path to a GPU delegate library"
-        ) from exc
+        )
     return CompiledModelEngine(compiled, rt, "gpu", fallbacks)
 
 

@@ -1,0 +1,5 @@
+"""``python -m sdk`` is the ``edgesdk`` command."""
+
+from .cli import main
+
+main()
