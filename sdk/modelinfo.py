@@ -7,6 +7,7 @@ versions TensorFlow 2.21 emits). Parsing uses the flatbuffer schema shipped with
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -88,8 +89,8 @@ def version_tuple(version: str) -> tuple[int, ...]:
     """'2.14.0' -> (2, 14, 0); anything unparsable sorts first."""
     parts = []
     for piece in str(version).split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        m = re.match(r"\d+", piece)
+        parts.append(int(m.group()) if m else 0)
     return tuple(parts)
 
 

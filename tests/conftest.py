@@ -1,0 +1,163 @@
+"""Shared fixtures: signing keys, real small models, real data (scikit-learn's bundled digits).
+
+Models are built and trained in-process (seconds on 2 cores); nothing is downloaded.
+Session-scoped fixtures are built once and must not be modified by tests (copy first).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Keys:
+    directory: Path
+    private: Path
+    public: Path
+
+
+def _keys(root: Path) -> Keys:
+    from sdk.signing import generate_keys
+
+    private, public = generate_keys(root)
+    return Keys(root, private, public)
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """The fleet's signing key pair."""
+    return _keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """A second, untrusted key pair."""
+    return _keys(tmp_path_factory.mktemp("other-keys"))
+
+
+@dataclass
+class Digits:
+    """scikit-learn's 1,797 8x8 digit images, scaled to [0, 1], split train/test."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(x))
+    x, y = x[idx], y[idx]
+    return Digits(x[:1400], y[:1400], x[1400:], y[1400:])
+
+
+@dataclass
+class DigitsModel:
+    """A small CNN trained on digits, saved as .keras, with its data files."""
+
+    path: Path
+    calibration: Path  # .npz x (300 training samples)
+    eval: Path  # .npz x, y (the test split)
+    train: Path  # .npz x, y
+    eval_unlabelled: Path  # .npz x only
+    float_accuracy: float
+
+
+def build_digits_cnn(keras, seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> DigitsModel:
+    import keras
+
+    root = tmp_path_factory.mktemp("digits")
+    model = build_digits_cnn(keras)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(digits.x_train, digits.y_train, epochs=10, batch_size=32, verbose=0)
+    acc = float(model.evaluate(digits.x_test, digits.y_test, verbose=0)[1])
+    path = root / "digits.keras"
+    model.save(path)
+    np.savez(root / "calib.npz", x=digits.x_train[:300])
+    np.savez(root / "eval.npz", x=digits.x_test, y=digits.y_test)
+    np.savez(root / "eval_unlabelled.npz", x=digits.x_test)
+    np.savez(root / "train.npz", x=digits.x_train, y=digits.y_train)
+    return DigitsModel(path, root / "calib.npz", root / "eval.npz", root / "train.npz", root / "eval_unlabelled.npz", acc)
+
+
+@dataclass
+class BuiltBundle:
+    path: Path
+    model: bytes
+    report: dict
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsModel, signing_keys: Keys) -> BuiltBundle:
+    """The digits CNN converted to full int8 and signed with ``signing_keys``."""
+    from converter import convert
+
+    out = tmp_path_factory.mktemp("bundle") / "digits.edgebundle"
+    res = convert(
+        digits_model.path, target="cpu", quantize="int8", calibration=digits_model.calibration,
+        eval_data=digits_model.eval, key=signing_keys.private, output=out, runs=10,
+    )
+    return BuiltBundle(res.bundle_path, res.model, res.report)
+
+
+@pytest.fixture(scope="session")
+def custom_op_tflite() -> bytes:
+    """A real .tflite whose graph holds a custom op (``Svd``) no runtime here implements."""
+    import keras
+    import tensorflow as tf
+
+    class SingularValues(keras.layers.Layer):
+        def call(self, x):
+            return tf.linalg.svd(x, compute_uv=False)
+
+    model = keras.Sequential([keras.Input((4, 4)), SingularValues()])
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.allow_custom_ops = True
+    return conv.convert()
+
+
+@pytest.fixture
+def edgesdk_cli():
+    """Run the real ``edgesdk`` entry point in a subprocess: ``edgesdk_cli("bundle", "verify", ...)``."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "sdk", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env,
+            timeout=600,
+        )
+
+    return run
