@@ -1,6 +1,6 @@
 """What quantization cost: accuracy against labels, or agreement with the original model.
 
-* Classifier (one 2-D output with more than one class) with labels: top-1 accuracy; the drop
+* Classifier (one (batch, classes) output that sums to 1, or integer labels given) with labels: top-1 accuracy; the drop
   is measured in points against the original model's accuracy on the same samples.
 * Classifier without labels: top-1 agreement with the original model; drop = 100 - agreement %.
 * Anything else: mean cosine similarity and max absolute error against the original model's
@@ -34,8 +34,14 @@ def run_engine(engine: Engine, data: Dataset, progress: Optional[Callable[[], No
     return [np.stack(o) for o in outs]
 
 
-def is_classifier(outputs: Sequence[np.ndarray]) -> bool:
-    return len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].shape[1] > 1
+def is_classifier(outputs: Sequence[np.ndarray], labels: Optional[np.ndarray] = None) -> bool:
+    """One (batch, classes) output that is a probability vector, or is scored against integer labels."""
+    if len(outputs) != 1 or outputs[0].ndim != 2 or outputs[0].shape[1] < 2:
+        return False
+    if labels is not None and np.issubdtype(np.asarray(labels).dtype, np.integer):
+        return True
+    out = outputs[0]
+    return bool(np.all(out >= -1e-6) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,7 +59,7 @@ def score(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labe
     max_err = max(float(np.max(np.abs(r.reshape(c.shape) - c))) for r, c in zip(reference, candidate))
     result["max_abs_error"] = max_err
     result["cosine"] = float(np.mean([_cosine(r, c) for r, c in zip(reference, candidate)]))
-    if is_classifier(reference):
+    if is_classifier(reference, labels):
         ref_top, cand_top = np.argmax(reference[0], axis=1), np.argmax(candidate[0], axis=1)
         result["metric"] = "accuracy" if labels is not None else "top1_agreement"
         result["top1_agreement"] = float(np.mean(ref_top == cand_top))

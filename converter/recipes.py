@@ -18,6 +18,7 @@ runtime edgesdk supports can run them. TensorFlow's ``ConverterError`` is transl
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,12 @@ import numpy as np
 
 from sdk.errors import ConfigError, ConversionError, QuantizationError, UnsupportedOpError
 from sdk.modelinfo import read_model_info
+from sdk.native import native_stderr_to_log
 
 from .data import Dataset
 from .source import tensorflow
+
+log = logging.getLogger("edgesdk.converter")
 
 RECIPES = ("none", "dynamic", "float16", "int8", "int16x8")
 IO_DTYPES = ("int8", "uint8", "float32")
@@ -125,7 +129,8 @@ def convert_saved_model(saved_model_dir: Path, recipe: Recipe, calibration: Opti
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
         ]
     try:
-        model = conv.convert()
+        with native_stderr_to_log(log):
+            model = conv.convert()
     except Exception as exc:  # tf.lite ConverterError, and RuntimeError/ValueError from calibration
         message = str(exc)
         ops = _unsupported_ops(message)

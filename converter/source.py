@@ -8,7 +8,9 @@ This module is the boundary where TensorFlow and Keras load errors become
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 from sdk.deps import require
 from sdk.errors import ModelLoadError, ModelNotFoundError
 from sdk.modelinfo import read_model_info
+from sdk.native import native_stderr_to_log
 
 from .data import InputSpec
 
@@ -29,8 +32,11 @@ __all__ = ["SourceModel", "load_source", "tensorflow", "keras"]
 
 def tensorflow() -> Any:
     """Import TensorFlow quietly, or say which extra brings it."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return require("tensorflow", "converter", "to convert models")
+    with native_stderr_to_log(logging.getLogger("edgesdk.converter")):
+        return require("tensorflow", "converter", "to convert models")
 
 
 def keras() -> Any:

@@ -18,15 +18,11 @@ All LiteRT/TensorFlow errors are translated here, at this one boundary.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import importlib
 import logging
-import os
 import re
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +36,7 @@ from .errors import (
     UnsupportedOpError,
 )
 from .modelinfo import TensorInfo, version_tuple
+from .native import native_stderr_to_log
 
 log = logging.getLogger("edgesdk.runtime")
 
@@ -292,33 +289,6 @@ def _preflight_library(path: str, what: str, hint: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _native_stderr_to_log():
-    """Send what native code writes to fd 2 meanwhile to the debug log instead of the terminal.
-
-    LiteRT's GPU accelerator probe prints dozens of INFO/WARNING lines from C++ even when it
-    merely finds no GPU; the caller gets our one-line reason instead.
-    """
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        sys.stderr.flush()
-        saved = os.dup(fd)
-        os.dup2(capture.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace").strip()
-            if text:
-                log.debug("native runtime output:\n%s", text)
-
-
 def _make_interpreter(rt: Runtime, model: bytes, threads: Optional[int], delegates: list[Any]) -> Any:
     kwargs: dict[str, Any] = {"model_content": model}
     if threads:
@@ -369,7 +339,7 @@ def _open_gpu(rt: Runtime, model: bytes, opts: DelegateOptions, fallbacks: list[
             f"this ai-edge-litert ({rt.version}) has no CompiledModel GPU accelerator: pip install -U ai-edge-litert"
         ) from exc
     failure = ""
-    with _native_stderr_to_log():
+    with native_stderr_to_log(log):
         try:
             compiled = cm.CompiledModel.from_buffer(model, hardware_accel=ha.HardwareAccelerator.GPU)
         except RuntimeError as exc:
