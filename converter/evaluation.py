@@ -73,4 +73,6 @@ def score(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labe
     else:
         result["metric"] = "cosine"
         result["drop_pts"] = 100.0 * (1.0 - result["cosine"])
+        if len(reference) == 1 and reference[0].ndim == 2 and reference[0].shape[1] > 1:  # logits: informative
+            result["top1_agreement"] = float(np.mean(np.argmax(reference[0], 1) == np.argmax(candidate[0], 1)))
     return result

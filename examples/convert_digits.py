@@ -1,0 +1,79 @@
+"""The main job until the fleet exists: train a small CNN on real data, convert it, sign it.
+
+Trains a CNN on scikit-learn's bundled digits (no download), then runs what an ML engineer runs:
+``edgesdk keys generate`` and ``edgesdk convert --target cpu --quantize auto --max-accuracy-drop 1``
+through the Python API, prints the report and verifies the signed bundle.
+
+    python examples/convert_digits.py [--out out/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out", help="directory for the model, data, keys, bundle and report")
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import keras
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from converter import convert
+    from sdk import Bundle, generate_keys, load_public_key
+
+    print("1/4 training a small CNN on scikit-learn's digits (1,797 real 8x8 images)...", flush=True)
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(x))
+    x, y = x[idx], y[idx]
+    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=args.epochs, batch_size=32, verbose=0)
+    model.save(out / "digits.keras")
+    np.savez(out / "calibration.npz", x=x_train[:300])
+    np.savez(out / "test.npz", x=x_test, y=y_test)
+
+    print("2/4 generating a signing key...", flush=True)
+    keys = out / "keys"
+    if not (keys / "private.pem").exists():
+        generate_keys(keys)
+
+    print("3/4 converting: --target cpu --quantize auto --max-accuracy-drop 1 ...", flush=True)
+    result = convert(
+        out / "digits.keras", target="cpu", quantize="auto", max_accuracy_drop=1.0,
+        calibration=out / "calibration.npz", eval_data=out / "test.npz", key=keys / "private.pem",
+        output=out / "digits.edgebundle", report_dir=out / "report",
+    )
+    print(result.table())
+
+    print("4/4 verifying the signed bundle...", flush=True)
+    b = Bundle.open(result.bundle_path).verify([load_public_key(keys / "public.pem")])
+    print(f"OK: {b.manifest.model_id} ({result.bundle_path}, {result.bundle_path.stat().st_size / 1024:.1f} KB) "
+          f"verified with key {b.signer_id}; report and chart in {out / 'report'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
