@@ -20,8 +20,12 @@ so a caller catches ``EdgeSdkError`` and gets a message that says what was wrong
     │   ├── SignatureError             unsigned, signed by an untrusted key, or tampered with
     │   └── IncompatibleBundleError    the device runtime cannot run this bundle
     ├── SigningKeyError                a key file is missing or not an Ed25519 PEM key
-    └── RuntimeUnavailableError        no TFLite runtime importable
-        └── DelegateUnavailableError   an explicitly requested delegate cannot be loaded
+    ├── RuntimeUnavailableError        no TFLite runtime importable
+    │   └── DelegateUnavailableError   an explicitly requested delegate cannot be loaded
+    ├── InferenceError                 a request the agent cannot serve (unknown model, wrong input)
+    ├── InstallError                   a bundle install failed; the previous version stays active
+    ├── ProtocolError                  a message that does not follow the wire protocol
+    └── BrokerError                    the MQTT broker cannot be reached or refused us
 
 Each class carries ``exit_code`` so the CLI exits with a stable, documented code per kind.
 """
@@ -47,6 +51,10 @@ __all__ = [
     "SigningKeyError",
     "RuntimeUnavailableError",
     "DelegateUnavailableError",
+    "InferenceError",
+    "InstallError",
+    "ProtocolError",
+    "BrokerError",
 ]
 
 
@@ -163,3 +171,27 @@ class DelegateUnavailableError(RuntimeUnavailableError):
     """A delegate that was explicitly requested cannot be loaded on this machine."""
 
     exit_code = 13
+
+
+class InferenceError(EdgeSdkError):
+    """A request the agent cannot serve: unknown model, wrong input count, shape or dtype."""
+
+    exit_code = 14
+
+
+class InstallError(EdgeSdkError):
+    """Installing a bundle failed (verification, load, health check); the previous version stays."""
+
+    exit_code = 15
+
+
+class ProtocolError(EdgeSdkError):
+    """A message that does not follow edgesdk's wire protocol (schema, type, fields, framing)."""
+
+    exit_code = 16
+
+
+class BrokerError(EdgeSdkError):
+    """The MQTT broker cannot be reached, refused the connection, or a message is too large for it."""
+
+    exit_code = 17

@@ -161,3 +161,23 @@ def edgesdk_cli():
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_v2(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsModel, signing_keys: Keys) -> BuiltBundle:
+    """Version 2 of the digits model: float32 (different outputs and dtypes from v1's int8)."""
+    from converter import convert
+
+    out = tmp_path_factory.mktemp("bundle2") / "digits-2.edgebundle"
+    res = convert(digits_model.path, target="cpu", quantize="none", version="2", eval_data=digits_model.eval,
+                  key=signing_keys.private, output=out, runs=10)
+    return BuiltBundle(res.bundle_path, res.model, res.report)
+
+
+@pytest.fixture
+def agent_config(tmp_path: Path, signing_keys: Keys):
+    """A config for an agent with its own state dir that trusts ``signing_keys``."""
+    from agent.config import load_config
+
+    return load_config(None, env={}, device_id="test-device", state_dir=tmp_path / "state",
+                       trusted_keys=[str(signing_keys.public)], threads=1, pool_size=2)

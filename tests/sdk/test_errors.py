@@ -27,7 +27,8 @@ def test_exit_codes_distinguish_the_kinds() -> None:
     kinds = [errors.ConfigError, errors.MissingDependencyError, errors.ModelError, errors.DataError,
              errors.ConversionError, errors.AccuracyBudgetExceeded, errors.BundleError, errors.SignatureError,
              errors.IncompatibleBundleError, errors.SigningKeyError, errors.RuntimeUnavailableError,
-             errors.DelegateUnavailableError]
+             errors.DelegateUnavailableError, errors.InferenceError, errors.InstallError, errors.ProtocolError,
+             errors.BrokerError]
     codes = [k.exit_code for k in kinds]
     assert len(set(codes)) == len(codes)
     assert all(c not in (0, 1) for c in codes)

@@ -1,0 +1,87 @@
+"""``AgentClient``: how applications on a device ask the agent for inferences.
+
+    from agent import AgentClient
+    with AgentClient("/var/lib/edgesdk/agent.sock") as client:
+        (probs,) = client.predict("digits", [image])          # float in, float out
+        (raw,) = client.predict("digits", [q_image], raw=True)  # integer I/O as the model has it
+
+One client holds one connection; use one per thread (connections are cheap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+from sdk.errors import InferenceError
+
+from .localapi import _U32, RESP, Op, read_exact, read_tensors, write_request
+
+__all__ = ["AgentClient"]
+
+
+class AgentClient:
+    def __init__(self, socket_path: Union[str, os.PathLike], timeout: float = 30.0) -> None:
+        self.socket_path = str(socket_path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.socket_path)
+        except OSError as exc:
+            self._sock.close()
+            raise InferenceError(
+                f"cannot reach the agent at {self.socket_path} ({exc.strerror or exc}): is edgesdk agent run running?"
+            ) from exc
+        self._lock = threading.Lock()
+
+    def _call(self, op: int, name: str = "", arrays: Sequence[np.ndarray] = (), flags: int = 0) -> Any:
+        with self._lock:
+            write_request(self._sock, op, name, arrays, flags)
+            magic, status, count = RESP.unpack(read_exact(self._sock, RESP.size))
+            if magic != b"ER":
+                raise InferenceError("bad response framing from the agent")
+            if status != 0 or (count == 0 and op != Op.PREDICT):
+                (n,) = _U32.unpack(read_exact(self._sock, 4))
+                text = read_exact(self._sock, n).decode()
+                if status != 0:
+                    raise InferenceError(text)
+                return json.loads(text)
+            return read_tensors(self._sock, count)
+
+    def predict(self, model: str, inputs: Union[Sequence[np.ndarray], Mapping[str, np.ndarray], np.ndarray],
+                *, raw: bool = False) -> list[np.ndarray]:
+        """Run ``model`` on ``inputs`` (by position; a mapping is ordered by the model's input names)."""
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        if isinstance(inputs, Mapping):
+            names = [m["inputs"] for m in self.models() if m["name"] == model]
+            if not names:
+                raise InferenceError(f"no model named {model!r} is active")
+            try:
+                inputs = [inputs[n] for n in names[0]]
+            except KeyError as exc:
+                raise InferenceError(f"{model}: missing input {exc}") from exc
+        return self._call(Op.PREDICT, model, list(inputs), 1 if raw else 0)
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call(Op.MODELS)
+
+    def rollback(self, model: str) -> dict[str, Any]:
+        return self._call(Op.ROLLBACK, model)
+
+    def ping(self) -> bool:
+        return self._call(Op.PING) == "pong"
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

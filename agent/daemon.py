@@ -1,0 +1,196 @@
+"""``Agent``: the on-device daemon — serves models, installs bundles, rolls back.
+
+In-process use::
+
+    agent = Agent(load_config("agent.toml"))
+    agent.start()                       # loads active models, opens the local API (and metrics)
+    agent.install("digits-2.edgebundle")
+    probs, = agent.predict("digits", [image])
+    agent.rollback("digits")
+    agent.stop()
+
+Swaps are atomic for callers: a request holds the :class:`ActiveModel` it started on, so
+requests in flight finish on the old version while new ones go to the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+import sdk
+from sdk.errors import EdgeSdkError, InferenceError, InstallError
+from sdk.runtime import DelegateOptions, Runtime, find_runtime
+from sdk.signing import load_public_keys
+
+from .config import AgentConfig
+from .installer import PreparedInstall, prepare_install
+from .localapi import LocalApiServer
+from .metrics import MetricsServer, prometheus_text
+from .serving import ActiveModel, Inputs
+from .store import ModelStore
+
+log = logging.getLogger("edgesdk.agent")
+
+__all__ = ["Agent"]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, runtime: Optional[Runtime] = None) -> None:
+        self.config = config
+        self.runtime = runtime or find_runtime(allow_tensorflow=False)
+        self.store = ModelStore(config.state_dir)
+        if not config.trusted_keys:
+            log.warning("no trusted_keys configured: every bundle will be refused")
+        self.trusted = load_public_keys(config.trusted_keys)
+        self.options = DelegateOptions(
+            num_threads=config.threads,
+            gpu_delegate_path=config.gpu_delegate_path or None,
+            edgetpu_device=config.edgetpu_device or None,
+        )
+        self._models: dict[str, ActiveModel] = {}
+        self._lock = threading.RLock()  # guards swaps and installs
+        self._install_lock = threading.Lock()
+        self._local: Optional[LocalApiServer] = None
+        self._metrics: Optional[MetricsServer] = None
+        self.started_at = time.time()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, *, local_api: bool = True) -> "Agent":
+        self.load_active()
+        if local_api:
+            self._local = LocalApiServer(self.config.socket_path, self.predict, self.models, self._rollback_summary)
+            self._local.start()
+        if self.config.metrics_port:
+            self._metrics = MetricsServer(self.config.metrics_port, self.metrics_text)
+            self._metrics.start()
+        return self
+
+    def stop(self) -> None:
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+
+    def load_active(self) -> None:
+        """Load every model's active version from the store (after a restart, say)."""
+        for name in self.store.names():
+            for version in (self.store.active(name), self.store.previous(name)):
+                if not version:
+                    continue
+                try:
+                    prepared = self._prepare(self.store.bundle_path(name, version).read_bytes(), f"{name}@{version}")
+                except (OSError, EdgeSdkError) as exc:
+                    log.error("cannot load %s@%s from the store: %s", name, version, exc)
+                    continue
+                with self._lock:
+                    self._models[name] = prepared.model
+                if version != self.store.active(name):
+                    self.store.activate(name, version, previous=None)
+                    log.warning("%s: active version failed to load, serving %s", name, version)
+                break
+
+    # --- serving -----------------------------------------------------------------------------
+    def model(self, name: str) -> ActiveModel:
+        m = self._models.get(name)
+        if m is None:
+            active = ", ".join(sorted(self._models)) or "none"
+            raise InferenceError(f"no model named {name!r} is active (active: {active})")
+        return m
+
+    def predict(self, name: str, inputs: Inputs, *, raw: bool = False) -> list[np.ndarray]:
+        """Run one request on the active version of ``name``."""
+        return self.model(name).predict(inputs, raw=raw)
+
+    def models(self) -> list[dict[str, Any]]:
+        with self._lock:
+            loaded = dict(self._models)
+        out = []
+        for name in sorted(set(loaded) | set(self.store.names())):
+            m = loaded.get(name)
+            out.append({
+                "name": name,
+                "active": m.version if m else None,
+                "previous": self.store.previous(name),
+                "stored": self.store.versions(name),
+                "delegate": m.delegate if m else None,
+                "inputs": [str(t.get("name")) for t in m.manifest.get("inputs", [])] if m else [],
+                "stats": m.stats.summary() if m else None,
+            })
+        return out
+
+    def metrics_text(self) -> str:
+        with self._lock:
+            loaded = dict(self._models)
+        return prometheus_text({n: (m.version, m.stats) for n, m in loaded.items()})
+
+    # --- installs ------------------------------------------------------------------------------
+    def _prepare(self, raw: bytes, source: str) -> PreparedInstall:
+        return prepare_install(raw, self.trusted, self.runtime, delegate=self.config.delegate, options=self.options,
+                               pool_size=self.config.pool_size, source=source)
+
+    def install(self, bundle: Union[bytes, str, os.PathLike]) -> dict[str, Any]:
+        """Verify, load, health-check and activate a bundle; on any failure the old model stays."""
+        if isinstance(bundle, (str, os.PathLike)):
+            try:
+                raw, source = Path(bundle).read_bytes(), str(bundle)
+            except OSError as exc:
+                raise InstallError(f"cannot read bundle {bundle}: {exc.strerror or exc}") from exc
+        else:
+            raw, source = bytes(bundle), "<bundle>"
+        with self._install_lock:
+            prepared = self._prepare(raw, source)
+            name, version = prepared.name, prepared.version
+            previous = self.store.active(name)
+            self._ensure_disk(len(raw))
+            self.store.stage(name, version, raw)
+            self.store.activate(name, version)
+            with self._lock:
+                self._models[name] = prepared.model  # the swap: new requests see the new model
+        log.info("installed %s@%s (previous %s) on %s", name, version, previous, prepared.model.delegate)
+        return {**prepared.summary(), "previous": previous}
+
+    def rollback(self, name: str, to_version: Optional[str] = None) -> dict[str, Any]:
+        """Reactivate the previous (or a given stored) version of ``name``."""
+        with self._install_lock:
+            target = to_version or self.store.previous(name)
+            current = self.store.active(name)
+            if not target:
+                raise InstallError(f"{name} has no previous version to roll back to")
+            try:
+                raw = self.store.bundle_path(name, target).read_bytes()
+            except OSError as exc:
+                raise InstallError(f"{name}@{target} is not in the store: {exc.strerror or exc}") from exc
+            prepared = self._prepare(raw, f"{name}@{target}")
+            self.store.activate(name, target, previous=current)
+            with self._lock:
+                self._models[name] = prepared.model
+        log.info("rolled %s back from %s to %s", name, current, target)
+        return {**prepared.summary(), "previous": current}
+
+    def _rollback_summary(self, name: str) -> dict[str, Any]:
+        return self.rollback(name)
+
+    def _ensure_disk(self, needed: int) -> None:
+        free = shutil.disk_usage(self.store.root).free
+        if free < 2 * needed:
+            raise InstallError(f"not enough disk: {free} bytes free under {self.store.root}, need {2 * needed}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": self.config.device_id,
+            "agent_version": sdk.__version__,
+            "runtime": self.runtime.describe(),
+            "models": {m["name"]: m["active"] for m in self.models() if m["active"]},
+            "tags": dict(self.config.tags),
+            "free_disk_bytes": shutil.disk_usage(self.store.root).free,
+        }

@@ -1,0 +1,181 @@
+"""The local API: applications on the device talk to the agent over a Unix domain socket.
+
+Framing is binary and small, so a request costs a few struct packs and one copy of the tensor
+bytes — no JSON or base64 of tensors. All integers are little-endian.
+
+Request::
+
+    b"EQ" | op u8 | flags u8 | name_len u16 | n_tensors u8 | name | tensors...
+Response::
+
+    b"ER" | status u8 (0 ok, 1 error) | n_tensors u8 | tensors...      (ok)
+    b"ER" | 1 | 0 | msg_len u32 | utf-8 message                        (error)
+Tensor::
+
+    dtype u8 | ndim u8 | dims u32 x ndim | nbytes u32 | raw bytes (C order)
+
+Ops: ``PREDICT`` (flags bit 0: raw integer I/O), ``MODELS`` and ``ROLLBACK`` (JSON in the
+message field of the response: the only non-tensor payloads), ``PING``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from sdk.errors import EdgeSdkError, InferenceError
+
+__all__ = ["LocalApiServer", "Op", "read_tensors", "write_request", "read_exact", "DTYPES"]
+
+DTYPES = [np.dtype(t) for t in ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "float64")]
+_DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
+REQ = struct.Struct("<2sBBHB")
+RESP = struct.Struct("<2sBB")
+_U32 = struct.Struct("<I")
+
+
+class Op:
+    PREDICT = 1
+    MODELS = 2
+    PING = 3
+    ROLLBACK = 4
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+    return bytes(buf)
+
+
+def pack_tensors(arrays: Sequence[np.ndarray]) -> list[bytes]:
+    parts = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        code = _DTYPE_CODE.get(a.dtype)
+        if code is None:
+            raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
+        parts.append(struct.pack(f"<BB{a.ndim}I", code, a.ndim, *a.shape) + _U32.pack(a.nbytes))
+        parts.append(a.tobytes())
+    return parts
+
+
+def read_tensors(sock: socket.socket, count: int) -> list[np.ndarray]:
+    out = []
+    for _ in range(count):
+        code, ndim = read_exact(sock, 2)
+        dims = struct.unpack(f"<{ndim}I", read_exact(sock, 4 * ndim)) if ndim else ()
+        (nbytes,) = _U32.unpack(read_exact(sock, 4))
+        if code >= len(DTYPES):
+            raise InferenceError(f"unknown dtype code {code}")
+        dtype = DTYPES[code]
+        if nbytes != int(np.prod(dims, dtype=np.int64)) * dtype.itemsize:
+            raise InferenceError("tensor byte count does not match its shape and dtype")
+        out.append(np.frombuffer(read_exact(sock, nbytes), dtype=dtype).reshape(dims))
+    return out
+
+
+def write_request(sock: socket.socket, op: int, name: str = "", arrays: Sequence[np.ndarray] = (), flags: int = 0) -> None:
+    raw_name = name.encode()
+    sock.sendall(b"".join([REQ.pack(b"EQ", op, flags, len(raw_name), len(arrays)), raw_name, *pack_tensors(arrays)]))
+
+
+def _error(message: str) -> bytes:
+    data = message.encode()
+    return RESP.pack(b"ER", 1, 0) + _U32.pack(len(data)) + data
+
+
+def _ok_json(payload: Any) -> bytes:
+    data = json.dumps(payload, default=str).encode()
+    return RESP.pack(b"ER", 0, 0) + _U32.pack(len(data)) + data
+
+
+class LocalApiServer:
+    """Serves ``predict``/``models``/``rollback`` for one agent; a thread per connection."""
+
+    def __init__(self, path: os.PathLike | str, predict: Callable[..., list[np.ndarray]],
+                 models: Callable[[], Any], rollback: Callable[[str], Any]) -> None:
+        self.path = Path(path)
+        self._predict, self._models, self._rollback = predict, models, rollback
+        self._sock: Optional[socket.socket] = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.unlink()  # a stale socket from a killed agent
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o660)
+        sock.listen(64)
+        self._sock = sock
+        t = threading.Thread(target=self._accept, name="edgesdk-localapi", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        if self.path.exists():
+            self.path.unlink()
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="edgesdk-localapi-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    magic, op, flags, name_len, count = REQ.unpack(read_exact(conn, REQ.size))
+                except (ConnectionError, OSError):
+                    return
+                try:
+                    if magic != b"EQ":
+                        conn.sendall(_error("bad request framing"))
+                        return
+                    name = read_exact(conn, name_len).decode()
+                    arrays = read_tensors(conn, count)
+                    conn.sendall(self._handle(op, flags, name, arrays))
+                except (ConnectionError, OSError):
+                    return
+
+    def _handle(self, op: int, flags: int, name: str, arrays: list[np.ndarray]) -> bytes:
+        try:
+            if op == Op.PREDICT:
+                outs = self._predict(name, arrays, raw=bool(flags & 1))
+                return b"".join([RESP.pack(b"ER", 0, len(outs)), *pack_tensors(outs)])
+            if op == Op.MODELS:
+                return _ok_json(self._models())
+            if op == Op.ROLLBACK:
+                return _ok_json(self._rollback(name))
+            if op == Op.PING:
+                return _ok_json("pong")
+            return _error(f"unknown op {op}")
+        except EdgeSdkError as exc:
+            return _error(str(exc))
+        except Exception as exc:  # never let one bad request kill the connection thread silently
+            return _error(f"internal error: {type(exc).__name__}: {exc}")
