@@ -23,7 +23,7 @@ import sdk
 from sdk import bundle as bundle_mod
 from sdk import golden
 from sdk.errors import AccuracyBudgetExceeded, ConfigError, EdgeSdkError, QuantizationError, UnsupportedOpError
-from sdk.latency import measure
+from sdk.latency import measure_interleaved
 from sdk.modelinfo import ModelInfo, read_model_info
 from sdk.runtime import DelegateOptions, Engine, find_runtime, open_engine, quantize as quantize_array
 from sdk.signing import load_private_key
@@ -93,15 +93,13 @@ def _measure_candidate(
     eval_set: Dataset,
     reference: list[np.ndarray],
     opts: DelegateOptions,
-    warmup: int,
-    runs: int,
     float32_bytes: Optional[int],
 ) -> tuple[dict[str, Any], Engine]:
+    """Convert-side figures of one candidate: size and quality (latency is measured afterwards,
+    for all candidates together, by :func:`_measure_latencies`)."""
     engine = open_engine(model, "cpu", opts)
     outputs = run_engine(engine, eval_set)
     quality = score(reference, outputs, eval_set.y)
-    sample = [quantize_array(x, spec) for x, spec in zip(eval_set.sample(0), engine.inputs)]
-    lat = measure(lambda: engine.run(sample), warmup=warmup, runs=runs)
     row = {
         **recipe.to_dict(),
         "label": recipe.label,
@@ -109,10 +107,28 @@ def _measure_candidate(
         "size_bytes": len(model),
         "compressed_bytes": _compressed(model),
         "ratio_to_float32": (len(model) / float32_bytes) if float32_bytes else None,
-        "latency": lat.to_dict(),
         **quality,
     }
     return row, engine
+
+
+MIN_MEASURE_SECONDS = 0.5
+
+
+def _measure_latencies(candidates: list[dict[str, Any]], built: dict[Recipe, tuple[bytes, Engine]],
+                       eval_set: Dataset, warmup: int, runs: int) -> None:
+    """p50/p99 of every built candidate, measured round-robin on the first evaluation sample."""
+    fns = {}
+    for c in candidates:
+        if c["status"] != "ok":
+            continue
+        _, engine = built[Recipe(c["recipe"], c["io_dtype"])]
+        sample = [quantize_array(x, spec) for x, spec in zip(eval_set.sample(0), engine.inputs)]
+        fns[c["label"]] = (lambda e=engine, s=sample: e.run(s))
+    stats = measure_interleaved(fns, warmup=warmup, runs=runs, min_seconds=MIN_MEASURE_SECONDS)
+    for c in candidates:
+        if c["label"] in stats:
+            c["latency"] = stats[c["label"]].to_dict()
 
 
 def _golden(engine: Engine, info: ModelInfo, value_ranges: list[tuple[float, float]], pairs: int, seed: int, target: str) -> tuple[dict[str, Any], bytes]:
@@ -186,7 +202,7 @@ def convert(
         recipes = [Recipe(quantize, int_io if quantize == "int8" else "float32")]
     baseline = Recipe("none")
     plan = [] if is_tflite else (recipes if baseline in recipes else [baseline] + recipes)
-    total = 4 + len(plan) + (1 if is_tflite else 0) + (2 if prune else 0) + (1 if target == "edgetpu" else 0)
+    total = 5 + len(plan) + (1 if is_tflite else 0) + (2 if prune else 0) + (1 if target == "edgetpu" else 0)
     steps = _Steps(progress, total)
 
     steps("load model")
@@ -235,7 +251,7 @@ def convert(
         tfl = src.tflite_bytes
         info0 = read_model_info(tfl)
         label = "as-is (" + ", ".join(sorted({t.dtype for t in info0.inputs})) + " I/O)"
-        row, eng = _measure_candidate(Recipe("as-is"), tfl, eval_set, reference, opts, warmup, runs, None)
+        row, eng = _measure_candidate(Recipe("as-is"), tfl, eval_set, reference, opts, None)
         row.update(label=label, role="requested")
         candidates.append(row)
         built[Recipe("as-is")] = (tfl, eng)
@@ -244,7 +260,7 @@ def convert(
         role = "requested" if recipe in recipes else "baseline"
         try:
             tfl = convert_saved_model(conv_src.saved_model_dir(), recipe, calib)
-            row, eng = _measure_candidate(recipe, tfl, eval_set, reference, opts, warmup, runs, float32_bytes)
+            row, eng = _measure_candidate(recipe, tfl, eval_set, reference, opts, float32_bytes)
         except UnsupportedOpError:
             raise
         except EdgeSdkError as exc:
@@ -260,6 +276,8 @@ def convert(
     for c in candidates:
         if float32_bytes and c.get("size_bytes"):
             c["ratio_to_float32"] = c["size_bytes"] / float32_bytes
+    steps("measure latency")
+    _measure_latencies(candidates, built, eval_set, warmup, runs)
 
     budget = max_accuracy_drop if max_accuracy_drop is not None else (AUTO_DEFAULT_BUDGET if quantize == "auto" else None)
     for c in candidates:
@@ -279,7 +297,8 @@ def convert(
             "reference_accuracy": next((c.get("reference_accuracy") for c in candidates if "reference_accuracy" in c), None),
         },
         "latency_setup": {"runtime": f"{find_runtime().name} {find_runtime().version}", "delegate": "cpu (XNNPACK)",
-                          "threads": threads, "warmup": warmup, "runs": runs},
+                          "threads": threads, "warmup": warmup, "runs": runs,
+                          "min_seconds": MIN_MEASURE_SECONDS, "interleaved": True},
         "candidates": candidates,
         "notes": notes,
     }

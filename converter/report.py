@@ -49,7 +49,8 @@ def render_table(report: dict[str, Any]) -> str:
     if lat:
         lines.append(
             f"latency: {lat['runtime']} on {lat['delegate']}, {lat['threads']} threads, "
-            f"{lat['warmup']} warm-up + {lat['runs']} runs, batch 1"
+            f"{lat['warmup']} warm-up, then at least {lat['runs']} runs per recipe over at least "
+            f"{lat.get('min_seconds', 0)} s, recipes interleaved in blocks of 10, batch 1"
         )
     header = f"{'':2}{'recipe':<22}{'size':>11}{'zipped':>11}{'ratio':>7}{'p50 ms':>9}{'p99 ms':>9}  {'quality':<18}{'drop':>7}  status"
     lines += ["", header, "-" * len(header)]

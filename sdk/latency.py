@@ -52,3 +52,40 @@ def measure(
         fn()
         samples.append(clock() - t0)
     return summarize(samples)
+
+
+def measure_interleaved(
+    fns: "dict[str, Callable[[], object]]",
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+    min_seconds: float = 0.0,
+    block: int = 10,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> "dict[str, LatencyStats]":
+    """Measure several functions in interleaved blocks, so drift (frequency scaling, other load)
+    is shared evenly instead of favouring whichever ran first.
+
+    Each round runs every function ``block + 1`` times in a row and keeps the last ``block``
+    samples (the first call re-warms caches the other functions evicted, as a device that runs
+    one model would have them warm). Rounds continue until every function has ``runs`` samples
+    and ``min_seconds`` have passed (sub-millisecond models need many runs for a stable p50).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[int]] = {k: [] for k in fns}
+    start = clock()
+    while True:
+        for key, fn in fns.items():
+            fn()
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                samples[key].append(clock() - t0)
+        done = min(len(v) for v in samples.values())
+        if done >= runs and (clock() - start) >= min_seconds * 1e9:
+            break
+        if done >= 100 * max(1, runs):
+            break
+    return {k: summarize(v) for k, v in samples.items()}
