@@ -27,7 +27,7 @@ import numpy as np
 
 import sdk
 from sdk.errors import EdgeSdkError, InferenceError, InstallError
-from sdk.runtime import DelegateOptions, Runtime, find_runtime
+from sdk.runtime import DelegateOptions, Runtime, available_delegates, find_runtime
 from sdk.signing import load_public_keys
 
 from .config import AgentConfig
@@ -184,6 +184,9 @@ class Agent:
         free = shutil.disk_usage(self.store.root).free
         if free < 2 * needed:
             raise InstallError(f"not enough disk: {free} bytes free under {self.store.root}, need {2 * needed}")
+
+    def delegates(self) -> list[str]:
+        return available_delegates(self.options)
 
     def describe(self) -> dict[str, Any]:
         return {

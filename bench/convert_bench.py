@@ -110,8 +110,9 @@ def main() -> int:
     from sdk.runtime import find_runtime
 
     rt = find_runtime()
-    print(f"# edgesdk convert_bench — {rt.name} {rt.version}, {args.threads} threads, batch 1, "
-          f"{args.runs} timed runs after 5 warm-up, {os.cpu_count()} cores\n")
+    print(f"# edgesdk convert_bench — {rt.name} {rt.version}, {args.threads} threads, batch 1, 5 warm-up then at "
+          f"least {args.runs} timed runs per recipe over at least 0.5 s, recipes interleaved in blocks of 10, "
+          f"{os.cpu_count()} cores\n")
     results = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(args.keep or tmpdir)

@@ -24,6 +24,7 @@ so a caller catches ``EdgeSdkError`` and gets a message that says what was wrong
     │   └── DelegateUnavailableError   an explicitly requested delegate cannot be loaded
     ├── InferenceError                 a request the agent cannot serve (unknown model, wrong input)
     ├── InstallError                   a bundle install failed; the previous version stays active
+    ├── BackpressureError              the agent's outbox is full: it accepts no new work until acked
     ├── ProtocolError                  a message that does not follow the wire protocol
     └── BrokerError                    the MQTT broker cannot be reached or refused us
 
@@ -53,6 +54,7 @@ __all__ = [
     "DelegateUnavailableError",
     "InferenceError",
     "InstallError",
+    "BackpressureError",
     "ProtocolError",
     "BrokerError",
 ]
@@ -195,3 +197,9 @@ class BrokerError(EdgeSdkError):
     """The MQTT broker cannot be reached, refused the connection, or a message is too large for it."""
 
     exit_code = 17
+
+
+class BackpressureError(EdgeSdkError):
+    """The agent's durable outbox is full; it accepts no new work until the fleet acknowledges."""
+
+    exit_code = 18

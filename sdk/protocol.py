@@ -10,8 +10,9 @@ status      agent→all  :class:`Status`, retained; the Last-Will publishes ``on
 heartbeat   agent→     :class:`Heartbeat` (latency histograms, counters), QoS 0
 cmd         fleet→     commands: :class:`InstallCommand`, :class:`RollbackCommand`, :class:`Ack`
 chunk       fleet→     :class:`Chunk` (binary): one piece of a bundle, at most 128 KiB of data
-up          agent→     durable messages from the outbox: :class:`InstallStatus`,
-                       :class:`ChunkRequest`; each acknowledged by the fleet with :class:`Ack`
+up          agent→     durable messages from the outbox (:class:`InstallStatus`,
+                       :class:`Result`), each acknowledged by the fleet with :class:`Ack`;
+                       and :class:`ChunkRequest` (re-sent by the agent until chunks arrive)
 ==========  =========  =====================================================================
 
 Every message is a small class with ``to_payload()``/``from_payload()`` and validation. JSON
@@ -23,6 +24,8 @@ base64-encoded. The protocol uses nothing MQTT 5-only (it must work through MQTT
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import struct
 import time
@@ -56,6 +59,8 @@ __all__ = [
     "InstallStatus",
     "ChunkRequest",
     "Chunk",
+    "Result",
+    "split_bundle",
     "decode",
 ]
 
@@ -278,8 +283,46 @@ class Chunk:
         return chunk
 
 
+def split_bundle(bundle: bytes, chunk_size: int = CHUNK_SIZE) -> list[Chunk]:
+    """Cut a bundle into chunks once; every device's transfer reuses the same encoded bytes."""
+    if not 0 < chunk_size <= CHUNK_SIZE:
+        raise ProtocolError(f"chunk_size must be 1..{CHUNK_SIZE}")
+    sha = hashlib.sha256(bundle).hexdigest()
+    parts = [bundle[i : i + chunk_size] for i in range(0, max(1, len(bundle)), chunk_size)]
+    return [Chunk(sha, i, len(parts), hashlib.sha256(part).hexdigest(), part) for i, part in enumerate(parts)]
+
+
+@dataclass
+class Result(Message):
+    """An inference result the agent publishes durably (through its outbox).
+
+    Tensors travel as ``{"dtype", "shape", "b64"}``: results are small (class scores, boxes).
+    """
+
+    TYPE: ClassVar[str] = "result"
+    device: str = ""
+    model: str = ""
+    version: str = ""
+    key: str = ""
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def encode_tensor(array: "Any") -> dict[str, Any]:
+        import numpy as np
+
+        a = np.ascontiguousarray(array)
+        return {"dtype": a.dtype.name, "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode()}
+
+    @staticmethod
+    def decode_tensor(obj: dict[str, Any]) -> "Any":
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(obj["b64"]), dtype=obj["dtype"]).reshape(obj["shape"])
+
+
 _TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Status, Heartbeat, InstallCommand, RollbackCommand, Ack, InstallStatus, ChunkRequest)
+    c.TYPE: c for c in (Status, Heartbeat, InstallCommand, RollbackCommand, Ack, InstallStatus, ChunkRequest, Result)
 }
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "CompiledModelEngine",
     "find_runtime",
     "open_engine",
+    "available_delegates",
     "quantize",
     "dequantize",
 ]
@@ -352,6 +353,26 @@ def _open_gpu(rt: Runtime, model: bytes, opts: DelegateOptions, fallbacks: list[
             "install the GPU driver, or set gpu_delegate_path to a GPU delegate library"
         )
     return CompiledModelEngine(compiled, rt, "gpu", fallbacks)
+
+
+def available_delegates(options: Optional[DelegateOptions] = None) -> list[str]:
+    """Delegates whose libraries load here (cheap: no model is created). LiteRT's built-in GPU
+    accelerator can only be probed with a model, so ``gpu`` is listed only for a configured
+    external GPU delegate library."""
+    opts = options or DelegateOptions()
+    found = ["cpu"]
+    if opts.gpu_delegate_path:
+        try:
+            _preflight_library(opts.gpu_delegate_path, "GPU delegate", "")
+            found.append("gpu")
+        except DelegateUnavailableError:
+            pass
+    try:
+        _preflight_library(opts.edgetpu_library, "Edge TPU runtime", "")
+        found.append("edgetpu")
+    except DelegateUnavailableError:
+        pass
+    return found
 
 
 _OPENERS = {"edgetpu": _open_edgetpu, "gpu": _open_gpu, "cpu": _open_cpu}

@@ -181,3 +181,138 @@ def agent_config(tmp_path: Path, signing_keys: Keys):
 
     return load_config(None, env={}, device_id="test-device", state_dir=tmp_path / "state",
                        trusted_keys=[str(signing_keys.public)], threads=1, pool_size=2)
+
+
+class MosquittoBroker:
+    """A real Mosquitto on a free loopback port, which tests can kill (SIGKILL) and restart."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root = root
+        self.conf = root / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+            f"log_dest file {root / 'mosquitto.log'}\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> "MosquittoBroker":
+        import socket
+        import time
+
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: in-flight and queued messages are lost, as in a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh Mosquitto for one test (the ``mosquitto`` binary; .ci/setup installs it)."""
+    import shutil as _shutil
+
+    if _shutil.which("mosquitto") is None:
+        pytest.fail("the mosquitto binary is missing: run .ci/setup (apt-get install -y mosquitto)")
+    b = MosquittoBroker(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.kill()
+
+
+class Collector:
+    """A stand-in for the fleet's receiving side: subscribes to every agent's ``up`` channel,
+    stores each message id once, and acknowledges it (so agents can clear their outboxes)."""
+
+    def __init__(self, port: int, ack: bool = True) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        from sdk import protocol
+
+        self.protocol = protocol
+        self.messages: dict[str, object] = {}
+        self.deliveries = 0
+        self.chunk_requests: list = []
+        self.ack_enabled = ack
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(protocol.subscription("up"), 1),
+                                                                     (protocol.subscription("status"), 1)])
+        self.client.on_message = self._on_message
+        self.statuses: dict[str, object] = {}
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        device, channel = self.protocol.parse_topic(msg.topic)
+        decoded = self.protocol.decode(msg.payload)
+        with self.lock:
+            if channel == "status":
+                self.statuses[device] = decoded
+                return
+            if isinstance(decoded, self.protocol.ChunkRequest):
+                self.chunk_requests.append(decoded)
+                return
+            self.deliveries += 1
+            self.messages.setdefault(decoded.id, decoded)
+        if self.ack_enabled:
+            client.publish(self.protocol.topic(device, "cmd"), self.protocol.Ack(ack_ids=[decoded.id]).to_payload(), qos=1)
+
+    def of_type(self, cls) -> list:
+        with self.lock:
+            return [m for m in self.messages.values() if isinstance(m, cls)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker.port)
+    yield c
+    c.close()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; tests assert on the result."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture
+def eventually():
+    return wait_for

@@ -28,7 +28,7 @@ def test_exit_codes_distinguish_the_kinds() -> None:
              errors.ConversionError, errors.AccuracyBudgetExceeded, errors.BundleError, errors.SignatureError,
              errors.IncompatibleBundleError, errors.SigningKeyError, errors.RuntimeUnavailableError,
              errors.DelegateUnavailableError, errors.InferenceError, errors.InstallError, errors.ProtocolError,
-             errors.BrokerError]
+             errors.BrokerError, errors.BackpressureError]
     codes = [k.exit_code for k in kinds]
     assert len(set(codes)) == len(codes)
     assert all(c not in (0, 1) for c in codes)

@@ -1,0 +1,251 @@
+"""The one module that imports paho-mqtt: a connection that reconnects, never blocks paho's
+network thread, and never publishes a message the broker would refuse.
+
+What it takes care of (see ``shared/notes/mqtt.md`` for why each matters):
+
+* paho 2.x, MQTT 5 where the broker speaks it, else MQTT 3.1.1 (amqtt): ``protocol="auto"``
+  probes once with v5 and falls back; the wire protocol uses nothing v5-only.
+* Callbacks run on paho's single network thread, so incoming messages are handed to a worker
+  thread; an exception in a handler is logged and the loop lives on.
+* Subscriptions are (re)made in ``on_connect``, so they survive reconnects.
+* paho ignores the broker's Maximum Packet Size and an oversized QoS-1 publish loops forever:
+  :meth:`MqttConnection.publish` checks the size first (the broker's limit when it announces
+  one, else ``max_packet_size``) and raises :class:`~sdk.errors.BrokerError` instead.
+* A persistent session (``clean_start=False`` + session expiry on v5, ``clean_session=False``
+  on 3.1.1) so QoS-1 commands sent while a device was briefly away are still delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from .deps import require
+from .errors import BrokerError
+
+log = logging.getLogger("edgesdk.mqtt")
+
+__all__ = ["MqttSettings", "MqttConnection", "probe_protocol"]
+
+Handler = Callable[[str, bytes], None]
+
+
+def _paho():
+    return require("paho.mqtt.client", "agent", "to talk to the MQTT broker")
+
+
+@dataclass
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    username: str = ""
+    password: str = ""
+    keepalive: int = 30
+    protocol: str = "auto"  # "auto" | "5" | "3.1.1"
+    persistent_session: bool = True
+    session_expiry: int = 24 * 3600
+    max_packet_size: int = 256 * 1024
+
+
+def _protocol_const(mqtt, protocol: str) -> int:
+    return mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+
+
+def probe_protocol(settings: MqttSettings, timeout: float = 5.0) -> str:
+    """Connect once with MQTT 5; ``"3.1.1"`` if the broker refuses the protocol version."""
+    mqtt = _paho()
+    result: dict[str, object] = {}
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+    _configure_auth(client, settings)
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        result["rc"] = reason_code
+        done.set()
+
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        result.setdefault("rc", reason_code)
+        done.set()
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    try:
+        client.connect(settings.host, settings.port, keepalive=10)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"cannot reach the MQTT broker at {settings.host}:{settings.port}: {exc}") from exc
+    client.loop_start()
+    done.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+    rc = result.get("rc")
+    if rc is not None and not getattr(rc, "is_failure", False):
+        return "5"
+    return "3.1.1"
+
+
+def _configure_auth(client, s: MqttSettings) -> None:
+    if s.username:
+        client.username_pw_set(s.username, s.password or None)
+    if s.tls:
+        try:
+            client.tls_set(ca_certs=s.ca_file or None, certfile=s.client_cert or None, keyfile=s.client_key or None)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise BrokerError(f"TLS setup failed ({exc}): check ca_file, client_cert and client_key") from exc
+
+
+class MqttConnection:
+    """A long-lived, self-reconnecting MQTT connection.
+
+    ``handler(topic, payload)`` runs on a worker thread for every message on ``subscriptions``.
+    ``on_connected`` (also on the worker thread) runs after every (re)connect, after subscribing.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handler: Handler,
+        subscriptions: Iterable[tuple[str, int]] = (),
+        *,
+        will: Optional[tuple[str, bytes, int, bool]] = None,
+        on_connected: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.subscriptions = list(subscriptions)
+        self.will = will
+        self.on_connected = on_connected
+        self.connected = threading.Event()
+        self.protocol = settings.protocol
+        self.broker_max_packet: Optional[int] = None
+        self._work: "queue.Queue[Optional[tuple[str, object]]]" = queue.Queue()
+        self._worker: Optional[threading.Thread] = None
+        self._client = None
+        self._closing = False
+        self.connects = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "MqttConnection":
+        mqtt = _paho()
+        if self.protocol == "auto":
+            try:
+                self.protocol = probe_protocol(self.settings)
+            except BrokerError as exc:
+                log.warning("%s; will keep retrying with MQTT 5", exc)
+                self.protocol = "5"
+        proto = _protocol_const(mqtt, self.protocol)
+        kwargs = {"client_id": self.settings.client_id, "protocol": proto}
+        if proto == mqtt.MQTTv311:
+            kwargs["clean_session"] = not self.settings.persistent_session
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)
+        _configure_auth(client, self.settings)
+        if self.will:
+            topic, payload, qos, retain = self.will
+            client.will_set(topic, payload, qos=qos, retain=retain)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        self._worker = threading.Thread(target=self._work_loop, name="edgesdk-mqtt-worker", daemon=True)
+        self._worker.start()
+        connect_kwargs = {"keepalive": self.settings.keepalive}
+        if proto == mqtt.MQTTv5:
+            props = mqtt.Properties(require("paho.mqtt.packettypes", "agent").PacketTypes.CONNECT)
+            if self.settings.persistent_session:
+                props.SessionExpiryInterval = self.settings.session_expiry
+            connect_kwargs["clean_start"] = not self.settings.persistent_session
+            connect_kwargs["properties"] = props
+        try:
+            client.connect_async(self.settings.host, self.settings.port, **connect_kwargs)
+        except (OSError, socket.gaierror) as exc:
+            raise BrokerError(f"cannot reach the MQTT broker at {self.settings.host}:{self.settings.port}: {exc}") from exc
+        client.loop_start()
+        return self
+
+    def stop(self, *, publish_before: Optional[tuple[str, bytes, int, bool]] = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (optionally publishing one last message, e.g. retained 'offline')."""
+        self._closing = True
+        client = self._client
+        if client is not None:
+            if publish_before and self.connected.is_set():
+                info = client.publish(*publish_before)
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    pass
+            client.disconnect()
+            client.loop_stop()
+        self._work.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    # --- publishing ---------------------------------------------------------------------------
+    @property
+    def max_packet(self) -> int:
+        return min(self.settings.max_packet_size, self.broker_max_packet or self.settings.max_packet_size)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queue a publish; return its message id. Raises BrokerError when it is too large or
+        when the client is not connected (the caller keeps the message and retries)."""
+        size = len(payload) + len(topic.encode()) + 16
+        if size > self.max_packet:
+            raise BrokerError(
+                f"message of {size} bytes on {topic} exceeds the broker's maximum packet size of {self.max_packet}"
+            )
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise BrokerError("not connected to the MQTT broker")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != 0:
+            raise BrokerError(f"publish on {topic} failed (paho rc {info.rc})")
+        return info.mid
+
+    # --- paho callbacks: network thread, never block -------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        maximum = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self.broker_max_packet = int(maximum) if maximum else None
+        if self.subscriptions:
+            client.subscribe(self.subscriptions)
+        self.connects += 1
+        self.connected.set()
+        log.info("connected to %s:%s (MQTT %s)", self.settings.host, self.settings.port, self.protocol)
+        self._work.put(("__connected__", b""))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._work.put((msg.topic, bytes(msg.payload)))
+
+    def _work_loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            topic, payload = item
+            try:
+                if topic == "__connected__":
+                    if self.on_connected:
+                        self.on_connected()
+                else:
+                    self.handler(topic, payload)  # type: ignore[arg-type]
+            except Exception:  # a handler bug must not stop message processing
+                log.exception("handler failed for a message on %s", topic)

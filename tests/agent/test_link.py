@@ -1,0 +1,194 @@
+"""The agent's MQTT link against a real Mosquitto: presence, durable results across a broker
+SIGKILL, backpressure, and bundle installs over chunked, resumable transfers."""
+
+import threading
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent import Agent
+from agent.link import AgentLink
+from agent.config import load_config
+from sdk import protocol as proto
+from sdk.errors import BackpressureError
+
+
+@pytest.fixture
+def make_link(tmp_path, signing_keys, broker):
+    made = []
+
+    def make(device="dev-1", **kw):
+        cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=broker.url,
+                          trusted_keys=[str(signing_keys.public)], threads=1, pool_size=1,
+                          heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000))
+        agent = Agent(cfg).start(local_api=False)
+        link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol="5", **kw).start()
+        made.append((agent, link))
+        return agent, link
+
+    yield make
+    for agent, link in made:
+        try:
+            link.stop()
+        except Exception:
+            pass
+        agent.stop()
+
+
+class FleetStandIn:
+    """Publishes install commands and answers chunk requests from pre-split chunks."""
+
+    def __init__(self, port, bundle: bytes, chunk_size: int, serve=lambda i: True) -> None:
+        self.chunk_size = chunk_size
+        self.chunks = proto.split_bundle(bundle, chunk_size)
+        self.payloads = [c.to_payload() for c in self.chunks]  # encoded once, sent to any device
+        self.serve = serve
+        self.requests = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(proto.subscription("up"), 1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg):
+        device, _ = proto.parse_topic(msg.topic)
+        m = proto.decode(msg.payload)
+        if isinstance(m, proto.ChunkRequest):
+            self.requests.append(list(m.indices))
+            for i in m.indices:
+                if self.serve(i):
+                    client.publish(proto.topic(device, "chunk"), self.payloads[i], qos=1)
+
+    def install(self, device, bundle: bytes, model="digits", version="1", **kw):
+        import hashlib
+
+        cmd = proto.InstallCommand(model=model, version=version, bundle_sha256=hashlib.sha256(bundle).hexdigest(),
+                                   bundle_size=len(bundle), chunk_size=self.chunk_size, **kw)
+        self.client.publish(proto.topic(device, "cmd"), cmd.to_payload(), qos=1)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def statuses(collector, device, state):
+    return [m for m in collector.of_type(proto.InstallStatus) if m.device == device and m.state == state]
+
+
+def test_presence_and_heartbeats(make_link, collector, eventually, digits_bundle) -> None:
+    agent, link = make_link("dev-p")
+    agent.install(digits_bundle.path)
+    link.publish_status()
+    assert eventually(lambda: getattr(collector.statuses.get("dev-p"), "models", {}) == {"digits": "1"})
+    st = collector.statuses["dev-p"]
+    assert st.online and st.agent_version and st.runtime["name"] == "ai_edge_litert" and "cpu" in st.delegates
+    link.stop()
+    assert eventually(lambda: collector.statuses["dev-p"].online is False)
+
+
+def test_results_survive_a_broker_sigkill_exactly_once(make_link, broker, collector, eventually, digits_bundle, digits) -> None:
+    agent, link = make_link("dev-r")
+    agent.install(digits_bundle.path)
+    sent = []
+    for i, x in enumerate(digits.x_test[:150]):
+        out = agent.predict("digits", [x[None]])
+        sent.append(link.publish_result("digits", out, key=f"sample-{i}"))
+        if i == 60:
+            broker.kill()  # results 61.. are produced while the broker is down
+        if i == 100:
+            broker.start()
+    assert eventually(lambda: len(collector.messages) >= len(sent), timeout=60)
+    results = collector.of_type(proto.Result)
+    assert sorted(r.id for r in results) == sorted(sent)  # every result, each stored once
+    assert sorted(r.key for r in results) == sorted(f"sample-{i}" for i in range(150))
+    first = next(r for r in results if r.key == "sample-0")
+    assert np.argmax(proto.Result.decode_tensor(first.outputs[0])) == int(np.argmax(agent.predict("digits", [digits.x_test[:1]])[0]))
+    assert eventually(lambda: len(link.outbox) == 0, timeout=30)  # acks cleared the outbox
+
+
+def test_full_outbox_refuses_new_work_and_says_why(make_link, broker, digits_bundle, digits) -> None:
+    agent, link = make_link("dev-b", outbox_max=5)
+    agent.install(digits_bundle.path)
+    out = agent.predict("digits", [digits.x_test[:1]])
+    for i in range(5):
+        link.publish_result("digits", out, key=str(i))  # nobody acknowledges
+    with pytest.raises(BackpressureError, match="outbox holds 5 unacknowledged"):
+        link.publish_result("digits", out, key="6")
+    assert len(link.outbox) == 5
+    assert link._status().accepting_work is False
+
+
+def test_install_over_mqtt_in_chunks(make_link, broker, collector, eventually, digits_bundle, digits) -> None:
+    agent, link = make_link("dev-i")
+    bundle = digits_bundle.path.read_bytes()
+    fleet = FleetStandIn(broker.port, bundle, 16 * 1024)
+    try:
+        fleet.install("dev-i", bundle)
+        assert eventually(lambda: statuses(collector, "dev-i", "SUCCEEDED"), timeout=30)
+        assert len(fleet.chunks) >= 3 and fleet.requests[0] == list(range(len(fleet.chunks)))
+        assert agent.model("digits").version == "1"
+        assert eventually(lambda: getattr(collector.statuses.get("dev-i"), "models", {}) == {"digits": "1"})
+        fleet.install("dev-i", bundle)  # the same version again: nothing to transfer
+        assert eventually(lambda: any(s.reason == "already active" for s in statuses(collector, "dev-i", "SUCCEEDED")))
+    finally:
+        fleet.close()
+
+
+def test_interrupted_transfer_resumes_with_only_the_missing_chunks(make_link, broker, collector, eventually, digits_bundle) -> None:
+    agent, link = make_link("dev-t")
+    bundle = digits_bundle.path.read_bytes()
+    gate = threading.Event()
+    fleet = FleetStandIn(broker.port, bundle, 8 * 1024, serve=lambda i: i < 2 or gate.is_set())
+    try:
+        fleet.install("dev-t", bundle)
+        total = len(fleet.chunks)
+        assert eventually(lambda: len(fleet.requests) >= 1)
+        assert eventually(lambda: len(list((link.agent.config.state_dir / "transfers").rglob("*.part"))) == 2)
+        broker.kill()  # the connection drops mid-transfer
+        broker.start()
+        gate.set()
+        assert eventually(lambda: statuses(collector, "dev-t", "SUCCEEDED"), timeout=45)
+        later = [r for r in fleet.requests[1:]]
+        assert later and all(0 not in r and 1 not in r for r in later)  # held chunks are never asked again
+        assert sorted(set().union(*map(set, later))) == list(range(2, total))
+        assert agent.model("digits").version == "1"
+    finally:
+        fleet.close()
+
+
+def test_bad_bundle_over_mqtt_fails_and_the_old_model_stays(make_link, broker, collector, eventually, digits_bundle,
+                                                             digits_bundle_v2, other_keys, tmp_path) -> None:
+    from sdk.bundle import Bundle
+    from sdk.signing import load_private_key
+
+    agent, link = make_link("dev-f")
+    agent.install(digits_bundle.path)
+    bad = Bundle.open(digits_bundle_v2.path).sign(load_private_key(other_keys.private), tmp_path / "bad.edgebundle").read_bytes()
+    fleet = FleetStandIn(broker.port, bad, 32 * 1024)
+    try:
+        fleet.install("dev-f", bad, version="2")
+        assert eventually(lambda: statuses(collector, "dev-f", "FAILED"), timeout=30)
+        (failed,) = statuses(collector, "dev-f", "FAILED")
+        assert "not among the trusted keys" in failed.reason
+        assert agent.model("digits").version == "1"
+        fleet.install("dev-f", bad, version="3", min_runtime_version="99.0")
+        assert eventually(lambda: any("incompatible" in s.reason for s in statuses(collector, "dev-f", "FAILED")))
+    finally:
+        fleet.close()
+
+
+def test_rollback_command(make_link, broker, collector, eventually, digits_bundle, digits_bundle_v2) -> None:
+    agent, link = make_link("dev-rb")
+    agent.install(digits_bundle.path)
+    agent.install(digits_bundle_v2.path)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.publish(proto.topic("dev-rb", "cmd"), proto.RollbackCommand(model="digits", rollout="r1").to_payload(), qos=1)
+    assert eventually(lambda: statuses(collector, "dev-rb", "ROLLED_BACK"), timeout=30)
+    (rb,) = statuses(collector, "dev-rb", "ROLLED_BACK")
+    assert (rb.version, rb.previous_version, rb.rollout) == ("1", "2", "r1")
+    assert agent.model("digits").version == "1"
+    c.disconnect()
+    c.loop_stop()
