@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import threading
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,8 +54,11 @@ class AgentClient:
             return read_tensors(self._sock, count)
 
     def predict(self, model: str, inputs: Union[Sequence[np.ndarray], Mapping[str, np.ndarray], np.ndarray],
-                *, raw: bool = False) -> list[np.ndarray]:
-        """Run ``model`` on ``inputs`` (by position; a mapping is ordered by the model's input names)."""
+                *, raw: bool = False, publish_key: Optional[str] = None) -> list[np.ndarray]:
+        """Run ``model`` on ``inputs`` (by position; a mapping is ordered by the model's input names).
+
+        With ``publish_key`` the agent also sends the result to the fleet through its durable
+        outbox (the call fails with the outbox's reason when it is full)."""
         if isinstance(inputs, np.ndarray):
             inputs = [inputs]
         if isinstance(inputs, Mapping):
@@ -66,7 +69,9 @@ class AgentClient:
                 inputs = [inputs[n] for n in names[0]]
             except KeyError as exc:
                 raise InferenceError(f"{model}: missing input {exc}") from exc
-        return self._call(Op.PREDICT, model, list(inputs), 1 if raw else 0)
+        flags = (1 if raw else 0) | (2 if publish_key is not None else 0)
+        name = model if publish_key is None else f"{model}\0{publish_key}"
+        return self._call(Op.PREDICT, name, list(inputs), flags)
 
     def models(self) -> list[dict[str, Any]]:
         return self._call(Op.MODELS)

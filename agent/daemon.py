@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class Agent:
         self._local: Optional[LocalApiServer] = None
         self._metrics: Optional[MetricsServer] = None
         self.started_at = time.time()
+        self.result_sink: Optional[Callable[[str, list[np.ndarray], str], Any]] = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, *, local_api: bool = True) -> "Agent":
@@ -107,9 +108,16 @@ class Agent:
             raise InferenceError(f"no model named {name!r} is active (active: {active})")
         return m
 
-    def predict(self, name: str, inputs: Inputs, *, raw: bool = False) -> list[np.ndarray]:
-        """Run one request on the active version of ``name``."""
-        return self.model(name).predict(inputs, raw=raw)
+    def predict(self, name: str, inputs: Inputs, *, raw: bool = False,
+                publish_key: Optional[str] = None) -> list[np.ndarray]:
+        """Run one request on the active version of ``name``; with ``publish_key`` also send the
+        result to the fleet durably (needs a running link; raises BackpressureError when full)."""
+        if publish_key is not None and self.result_sink is None:
+            raise InferenceError("publishing results needs the MQTT link (edgesdk agent run)")
+        outputs = self.model(name).predict(inputs, raw=raw)
+        if publish_key is not None:
+            self.result_sink(name, outputs, publish_key)
+        return outputs
 
     def models(self) -> list[dict[str, Any]]:
         with self._lock:

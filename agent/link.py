@@ -70,6 +70,7 @@ class AgentLink:
         subs = [(proto.topic(self.device, "cmd"), 1), (proto.topic(self.device, "chunk"), 1)]
         self.conn = self._factory(self.settings, self._handle, subs, will=will, on_connected=self._on_connected)
         self.conn.start()
+        self.agent.result_sink = lambda model, outputs, key: self.publish_result(model, outputs, key=key)
         for target, name in ((self._sender, "outbox"), (self._heartbeats, "heartbeat"), (self._watchdog, "transfers")):
             t = threading.Thread(target=target, name=f"edgesdk-{name}", daemon=True)
             t.start()
@@ -77,6 +78,7 @@ class AgentLink:
         return self
 
     def stop(self) -> None:
+        self.agent.result_sink = None
         self._stop.set()
         self.outbox.changed.set()
         for t in self._threads:

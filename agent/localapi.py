@@ -14,7 +14,8 @@ Tensor::
 
     dtype u8 | ndim u8 | dims u32 x ndim | nbytes u32 | raw bytes (C order)
 
-Ops: ``PREDICT`` (flags bit 0: raw integer I/O), ``MODELS`` and ``ROLLBACK`` (JSON in the
+Ops: ``PREDICT`` (flags bit 0: raw integer I/O; bit 1: also publish the result to the fleet
+durably, the name field then being ``model\0key``), ``MODELS`` and ``ROLLBACK`` (JSON in the
 message field of the response: the only non-tensor payloads), ``PING``.
 """
 
@@ -166,7 +167,8 @@ class LocalApiServer:
     def _handle(self, op: int, flags: int, name: str, arrays: list[np.ndarray]) -> bytes:
         try:
             if op == Op.PREDICT:
-                outs = self._predict(name, arrays, raw=bool(flags & 1))
+                model, _, key = name.partition("\0")
+                outs = self._predict(model, arrays, raw=bool(flags & 1), publish_key=key if flags & 2 else None)
                 return b"".join([RESP.pack(b"ER", 0, len(outs)), *pack_tensors(outs)])
             if op == Op.MODELS:
                 return _ok_json(self._models())
