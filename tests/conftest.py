@@ -301,6 +301,21 @@ def collector(broker):
     c.close()
 
 
+@pytest.fixture
+def make_collector():
+    """``make_collector(port)``: a Collector on any broker, closed after the test."""
+    made = []
+
+    def make(port: int, ack: bool = True) -> Collector:
+        c = Collector(port, ack)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until true or ``timeout``; tests assert on the result."""
     import time
@@ -316,3 +331,57 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
 @pytest.fixture
 def eventually():
     return wait_for
+
+
+class AmqttBroker:
+    """amqtt, a pure-Python MQTT 3.1.1 broker, in-process on a free loopback port."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import socket
+        import threading
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        import asyncio
+
+        from amqtt.broker import Broker
+
+        asyncio.set_event_loop(self.loop)
+        self.broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}}}, loop=self.loop)
+        self.loop.run_until_complete(self.broker.start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> "AmqttBroker":
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("amqtt did not start")
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        fut = asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop)
+        try:
+            fut.result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+@pytest.fixture
+def amqtt_broker():
+    b = AmqttBroker().start()
+    yield b
+    b.stop()

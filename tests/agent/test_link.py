@@ -15,15 +15,17 @@ from sdk.errors import BackpressureError
 
 
 @pytest.fixture
-def make_link(tmp_path, signing_keys, broker):
+def make_link(tmp_path, signing_keys, request):
     made = []
 
-    def make(device="dev-1", **kw):
-        cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=broker.url,
+    def make(device="dev-1", url=None, **kw):
+        url = url or request.getfixturevalue("broker").url
+        cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=url,
                           trusted_keys=[str(signing_keys.public)], threads=1, pool_size=1,
                           heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000))
         agent = Agent(cfg).start(local_api=False)
-        link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol="5", **kw).start()
+        protocol = kw.pop("protocol", "5")
+        link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol=protocol, **kw).start()
         made.append((agent, link))
         return agent, link
 
@@ -192,3 +194,34 @@ def test_rollback_command(make_link, broker, collector, eventually, digits_bundl
     assert agent.model("digits").version == "1"
     c.disconnect()
     c.loop_stop()
+
+
+
+def test_link_works_through_an_mqtt311_broker(make_link, make_collector, amqtt_broker, eventually, digits_bundle,
+                                              digits) -> None:
+    """amqtt speaks only MQTT 3.1.1: the link probes, falls back to it, and everything works."""
+    collector = make_collector(amqtt_broker.port)
+    agent, link = make_link("dev-3", url=amqtt_broker.url, protocol="auto")
+    assert eventually(lambda: link.conn.connected.is_set(), timeout=20)
+    assert link.conn.protocol == "3.1.1"
+    bundle = digits_bundle.path.read_bytes()
+    fleet = FleetStandIn(amqtt_broker.port, bundle, 16 * 1024)
+    try:
+        fleet.install("dev-3", bundle)
+        assert eventually(lambda: statuses(collector, "dev-3", "SUCCEEDED"), timeout=60)
+        sent = [link.publish_result("digits", agent.predict("digits", [x[None]]), key=str(i))
+                for i, x in enumerate(digits.x_test[:30])]
+        assert eventually(lambda: {r.id for r in collector.of_type(proto.Result)} == set(sent), timeout=60)
+        assert eventually(lambda: len(link.outbox) == 0, timeout=30)
+        assert eventually(lambda: getattr(collector.statuses.get("dev-3"), "models", {}) == {"digits": "1"})
+    finally:
+        fleet.close()
+
+
+def test_oversized_messages_are_never_published(make_link, broker) -> None:
+    from sdk.errors import BrokerError
+
+    agent, link = make_link("dev-o")
+    assert link.conn.wait_connected(20)
+    with pytest.raises(BrokerError, match="exceeds the broker's maximum packet size"):
+        link.conn.publish(proto.topic("dev-o", "up"), b"x" * (link.conn.max_packet + 1))
