@@ -186,7 +186,7 @@ def agent_config(tmp_path: Path, signing_keys: Keys):
 class MosquittoBroker:
     """A real Mosquitto on a free loopback port, which tests can kill (SIGKILL) and restart."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, users: dict | None = None) -> None:
         import socket
 
         with socket.socket() as s:
@@ -194,8 +194,18 @@ class MosquittoBroker:
             self.port = s.getsockname()[1]
         self.root = root
         self.conf = root / "mosquitto.conf"
+        auth = "allow_anonymous true\n"
+        if users:
+            pw = root / "passwd"
+            for i, (user, password) in enumerate(users.items()):
+                subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(pw), user, password], check=True)
+            auth = f"allow_anonymous false\npassword_file {pw}\n"
+        # run as ourselves: as root, mosquitto would drop to user "mosquitto", who cannot read pytest's tmp dirs
+        import getpass
+
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+            f"user {getpass.getuser()}\n"
+            f"listener {self.port} 127.0.0.1\n{auth}persistence false\nmax_queued_messages 100000\n"
             f"log_dest file {root / 'mosquitto.log'}\n"
         )
         self.proc: subprocess.Popen | None = None
@@ -233,15 +243,28 @@ class MosquittoBroker:
 
 
 @pytest.fixture
-def broker(tmp_path_factory: pytest.TempPathFactory):
-    """A fresh Mosquitto for one test (the ``mosquitto`` binary; .ci/setup installs it)."""
+def make_broker(tmp_path_factory: pytest.TempPathFactory):
+    """``make_broker(users={...})``: a fresh Mosquitto (the ``mosquitto`` binary; .ci/setup installs it)."""
     import shutil as _shutil
 
     if _shutil.which("mosquitto") is None:
         pytest.fail("the mosquitto binary is missing: run .ci/setup (apt-get install -y mosquitto)")
-    b = MosquittoBroker(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.kill()
+    made = []
+
+    def make(users: dict | None = None) -> MosquittoBroker:
+        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users).start()
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.kill()
+
+
+@pytest.fixture
+def broker(make_broker):
+    """A fresh Mosquitto for one test."""
+    return make_broker()
 
 
 class Collector:

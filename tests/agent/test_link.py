@@ -22,7 +22,8 @@ def make_link(tmp_path, signing_keys, request):
         url = url or request.getfixturevalue("broker").url
         cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=url,
                           trusted_keys=[str(signing_keys.public)], threads=1, pool_size=1,
-                          heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000))
+                          heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000),
+                          username=kw.pop("username", ""), password=kw.pop("password", ""))
         agent = Agent(cfg).start(local_api=False)
         protocol = kw.pop("protocol", "5")
         link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol=protocol, **kw).start()
@@ -187,6 +188,8 @@ def test_rollback_command(make_link, broker, collector, eventually, digits_bundl
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     c.connect("127.0.0.1", broker.port)
     c.loop_start()
+    c.publish(proto.topic("dev-rb", "cmd"), b"\x00 not json", qos=1)  # a malformed command is logged and ignored
+    c.publish(proto.topic("dev-rb", "chunk"), b"garbage", qos=1)  # a handler error must not stop the link
     c.publish(proto.topic("dev-rb", "cmd"), proto.RollbackCommand(model="digits", rollout="r1").to_payload(), qos=1)
     assert eventually(lambda: statuses(collector, "dev-rb", "ROLLED_BACK"), timeout=30)
     (rb,) = statuses(collector, "dev-rb", "ROLLED_BACK")
@@ -225,3 +228,11 @@ def test_oversized_messages_are_never_published(make_link, broker) -> None:
     assert link.conn.wait_connected(20)
     with pytest.raises(BrokerError, match="exceeds the broker's maximum packet size"):
         link.conn.publish(proto.topic("dev-o", "up"), b"x" * (link.conn.max_packet + 1))
+
+
+def test_username_password_auth(make_link, make_broker, eventually) -> None:
+    secured = make_broker(users={"dev-u": "s3cret"})
+    agent, link = make_link("dev-u", url=secured.url, username="dev-u", password="s3cret")
+    assert link.conn.wait_connected(20)
+    _, bad = make_link("dev-x", url=secured.url, username="dev-x", password="wrong")
+    assert not bad.conn.wait_connected(3)  # refused: the agent keeps retrying and says why in its log

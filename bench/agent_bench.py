@@ -1,0 +1,111 @@
+"""Agent serving overhead: bare ``invoke()`` vs ``Agent.predict`` vs ``AgentClient`` over the socket.
+
+For MobileNetV2 1.0/224 (random weights, BatchNorm statistics set from real photos, see
+convert_bench.py) converted to float32 and to full int8, one run measures, interleaved in blocks
+so drift is shared:
+
+* bare: ``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of our own (the baseline);
+* ``Agent.predict(raw=True)``: the in-process path (pool checkout, input checks, stats);
+* ``Agent.predict``: the same with float in/out (quantize/dequantize for the int8 model);
+* ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, copy, thread hop).
+
+    python bench/agent_bench.py [--runs 200] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+
+def _convert_bench():
+    spec = importlib.util.spec_from_file_location("convert_bench", Path(__file__).with_name("convert_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="edgesdk agent serving benchmark")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    from agent import Agent, AgentClient
+    from agent.config import load_config
+    from converter import convert
+    from sdk.bundle import Bundle
+    from sdk.latency import measure_interleaved
+    from sdk.runtime import DelegateOptions, find_runtime, open_engine
+    from sdk.signing import generate_keys
+
+    rt = find_runtime()
+    print(f"# edgesdk agent_bench — {rt.name} {rt.version}, {args.threads} threads, batch 1, at least {args.runs} "
+          f"runs per path, interleaved in blocks of 10, {os.cpu_count()} cores\n")
+    print("| model | path | p50 ms | p99 ms | p50 overhead vs bare |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        keras_path, calib, _ = _convert_bench().mobilenet_model(tmp)
+        private, public = generate_keys(tmp / "keys")
+        bundles = {}
+        for recipe in ("none", "int8"):
+            res = convert(keras_path, target="cpu", quantize=recipe, calibration=calib, key=private, runs=5,
+                          output=tmp / f"mnv2-{recipe}.edgebundle", calibration_limit=64, name=f"mnv2_{recipe}")
+            bundles[recipe] = res.bundle_path
+        cfg = load_config(None, env={}, device_id="bench", state_dir=tmp / "state", trusted_keys=[str(public)],
+                          threads=args.threads, pool_size=1, delegate="cpu")
+        agent = Agent(cfg).start()
+        try:
+            x_float = np.load(calib)["x"][:1]
+            for recipe, path in bundles.items():
+                agent.install(path)
+                name = f"mnv2_{recipe}"
+                model = Bundle.open(path).model_bytes()
+                bare = open_engine(model, "cpu", DelegateOptions(num_threads=args.threads))
+                x_raw = _raw(bare, x_float)
+                it = bare.interpreter
+                in_idx = bare.interpreter.get_input_details()[0]["index"]
+                out_idx = bare.interpreter.get_output_details()[0]["index"]
+
+                def bare_invoke(x=x_raw):
+                    it.set_tensor(in_idx, x)
+                    it.invoke()
+                    return it.get_tensor(out_idx)
+
+                client = AgentClient(cfg.socket_path)
+                paths = {
+                    "bare invoke()": bare_invoke,
+                    "Agent.predict(raw=True)": lambda: agent.predict(name, [x_raw], raw=True),
+                    "Agent.predict (float I/O)": lambda: agent.predict(name, [x_float]),
+                    "AgentClient socket (raw)": lambda: client.predict(name, [x_raw], raw=True),
+                }
+                stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=2.0)
+                base = stats["bare invoke()"]
+                label = "float32" if recipe == "none" else "int8"
+                for key, st in stats.items():
+                    over = "baseline" if key.startswith("bare") else (
+                        f"+{(st.p50_ms - base.p50_ms) * 1000:.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
+                    print(f"| MobileNetV2 {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
+                client.close()
+        finally:
+            agent.stop()
+    return 0
+
+
+def _raw(engine, x_float):
+    from sdk.runtime import quantize
+
+    return quantize(x_float, engine.inputs[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
