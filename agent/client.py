@@ -20,7 +20,7 @@ import numpy as np
 
 from sdk.errors import InferenceError
 
-from .localapi import _U32, RESP, Op, read_exact, read_tensors, write_request
+from .localapi import _U32, RESP, BufferedReader, Op, read_tensors, write_request
 
 __all__ = ["AgentClient"]
 
@@ -38,20 +38,21 @@ class AgentClient:
                 f"cannot reach the agent at {self.socket_path} ({exc.strerror or exc}): is edgesdk agent run running?"
             ) from exc
         self._lock = threading.Lock()
+        self._reader = BufferedReader(self._sock)
 
     def _call(self, op: int, name: str = "", arrays: Sequence[np.ndarray] = (), flags: int = 0) -> Any:
         with self._lock:
             write_request(self._sock, op, name, arrays, flags)
-            magic, status, count = RESP.unpack(read_exact(self._sock, RESP.size))
+            magic, status, count = RESP.unpack(self._reader.read(RESP.size))
             if magic != b"ER":
                 raise InferenceError("bad response framing from the agent")
             if status != 0 or (count == 0 and op != Op.PREDICT):
-                (n,) = _U32.unpack(read_exact(self._sock, 4))
-                text = read_exact(self._sock, n).decode()
+                (n,) = _U32.unpack(self._reader.read(4))
+                text = self._reader.read(n).decode()
                 if status != 0:
                     raise InferenceError(text)
                 return json.loads(text)
-            return read_tensors(self._sock, count)
+            return read_tensors(self._reader, count)
 
     def predict(self, model: str, inputs: Union[Sequence[np.ndarray], Mapping[str, np.ndarray], np.ndarray],
                 *, raw: bool = False, publish_key: Optional[str] = None) -> list[np.ndarray]:

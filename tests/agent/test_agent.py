@@ -223,3 +223,24 @@ def test_prometheus_metrics_endpoint(agent_config, digits_bundle, digits) -> Non
     assert 'edgesdk_inference_seconds_count{model="digits",version="1"} 10' in text
     assert 'edgesdk_requests_total{model="digits",version="1"} 10' in text
     assert 'le="+Inf"' in text
+
+
+def test_local_api_carries_large_tensors_of_every_dtype(tmp_path) -> None:
+    """The framing with a 224x224x3 float image (600 KB, larger than one socket buffer)."""
+    from agent.localapi import DTYPES, LocalApiServer
+
+    server = LocalApiServer(tmp_path / "echo.sock", lambda name, arrays, raw=False, publish_key=None: arrays[::-1],
+                            lambda: [], lambda name: {})
+    server.start()
+    try:
+        with AgentClient(tmp_path / "echo.sock") as client:
+            rng = np.random.default_rng(0)
+            big = rng.random((1, 224, 224, 3), dtype=np.float32)
+            small = [np.arange(6).reshape(2, 3).astype(d) for d in DTYPES]
+            scalar = np.array(3.5, np.float32)
+            out = client.predict("echo", [big, *small, scalar])
+            assert [o.dtype for o in out] == [np.dtype(np.float32), *DTYPES[::-1], np.dtype(np.float32)]
+            assert np.array_equal(out[-1], big) and np.array_equal(out[0], scalar)
+            assert all(np.array_equal(a, b) for a, b in zip(out[1:-1], small[::-1]))
+    finally:
+        server.stop()
