@@ -1,13 +1,15 @@
 """Agent serving overhead: bare ``invoke()`` vs ``Agent.predict`` vs ``AgentClient`` over the socket.
 
-For MobileNetV2 1.0/224 (random weights, BatchNorm statistics set from real photos, see
-convert_bench.py) converted to float32 and to full int8, one run measures, interleaved in blocks
-so drift is shared:
+For the digits CNN (a ~15 µs model: what remains is the per-request overhead itself) and
+MobileNetV2 1.0/224 (random weights, BatchNorm statistics set from real photos, see
+convert_bench.py), each converted to float32 and to full int8, one run measures, interleaved in
+blocks so drift is shared:
 
 * bare: ``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of our own (the baseline);
 * ``Agent.predict(raw=True)``: the in-process path (pool checkout, input checks, stats);
 * ``Agent.predict``: the same with float in/out (quantize/dequantize for the int8 model);
-* ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, copy, thread hop).
+* ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, copy, thread hop), to an
+  agent running as its own process (``edgesdk agent run --no-mqtt``), as applications use it.
 
     python bench/agent_bench.py [--runs 200] [--threads 2]
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -54,21 +58,33 @@ def main() -> int:
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        keras_path, calib, _ = _convert_bench().mobilenet_model(tmp)
+        cb = _convert_bench()
         private, public = generate_keys(tmp / "keys")
         bundles = {}
-        for recipe in ("none", "int8"):
-            res = convert(keras_path, target="cpu", quantize=recipe, calibration=calib, key=private, runs=5,
-                          output=tmp / f"mnv2-{recipe}.edgebundle", calibration_limit=64, name=f"mnv2_{recipe}")
-            bundles[recipe] = res.bundle_path
+        inputs = {}
+        for model_name, build in (("digits", cb.digits_model), ("mnv2", cb.mobilenet_model)):
+            keras_path, calib, _ = build(tmp)
+            for recipe in ("none", "int8"):
+                res = convert(keras_path, target="cpu", quantize=recipe, calibration=calib, key=private, runs=5,
+                              output=tmp / f"{model_name}-{recipe}.edgebundle", calibration_limit=64,
+                              name=f"{model_name}_{recipe}")
+                bundles[f"{model_name}_{recipe}"] = res.bundle_path
+                inputs[f"{model_name}_{recipe}"] = np.load(calib)["x"][:1]
         cfg = load_config(None, env={}, device_id="bench", state_dir=tmp / "state", trusted_keys=[str(public)],
                           threads=args.threads, pool_size=1, delegate="cpu")
-        agent = Agent(cfg).start()
+        agent = Agent(cfg).start(local_api=False)
+        for path in bundles.values():
+            agent.install(path)
+        cfg_file = tmp / "agent.toml"
+        cfg_file.write_text(cfg.to_toml())
+        proc = subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--no-mqtt", "--config", str(cfg_file)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            x_float = np.load(calib)["x"][:1]
-            for recipe, path in bundles.items():
-                agent.install(path)
-                name = f"mnv2_{recipe}"
+            deadline = time.monotonic() + 60
+            while not cfg.socket_path.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for name, path in bundles.items():
+                x_float = inputs[name]
                 model = Bundle.open(path).model_bytes()
                 bare = open_engine(model, "cpu", DelegateOptions(num_threads=args.threads))
                 x_raw = _raw(bare, x_float)
@@ -90,13 +106,17 @@ def main() -> int:
                 }
                 stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=2.0)
                 base = stats["bare invoke()"]
-                label = "float32" if recipe == "none" else "int8"
+                model_name, recipe = name.split("_")
+                label = ("digits CNN" if model_name == "digits" else "MobileNetV2") + (
+                    " float32" if recipe == "none" else " int8")
                 for key, st in stats.items():
                     over = "baseline" if key.startswith("bare") else (
-                        f"+{(st.p50_ms - base.p50_ms) * 1000:.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
-                    print(f"| MobileNetV2 {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
+                        f"{(st.p50_ms - base.p50_ms) * 1000:+.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
+                    print(f"| {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
                 client.close()
         finally:
+            proc.terminate()
+            proc.wait(30)
             agent.stop()
     return 0
 

@@ -144,8 +144,11 @@ def quantize(x: np.ndarray, spec: TensorInfo) -> np.ndarray:
     if not spec.quantized:
         return np.asarray(x, dtype=dtype)
     info = np.iinfo(dtype)
-    q = np.round(np.asarray(x, dtype=np.float32) / spec.scale) + spec.zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
+    q = np.divide(x, np.float32(spec.scale), dtype=np.float32)  # one new buffer, then in place
+    np.rint(q, out=q)
+    q += spec.zero_point
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(dtype)
 
 
 def dequantize(y: np.ndarray, spec: TensorInfo) -> np.ndarray:

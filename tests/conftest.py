@@ -186,7 +186,7 @@ def agent_config(tmp_path: Path, signing_keys: Keys):
 class MosquittoBroker:
     """A real Mosquitto on a free loopback port, which tests can kill (SIGKILL) and restart."""
 
-    def __init__(self, root: Path, users: dict | None = None) -> None:
+    def __init__(self, root: Path, users: dict | None = None, extra: str = "") -> None:
         import socket
 
         with socket.socket() as s:
@@ -205,7 +205,7 @@ class MosquittoBroker:
 
         self.conf.write_text(
             f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n{auth}persistence false\nmax_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\n{extra}{auth}persistence false\nmax_queued_messages 100000\n"
             f"log_dest file {root / 'mosquitto.log'}\n"
         )
         self.proc: subprocess.Popen | None = None
@@ -251,8 +251,8 @@ def make_broker(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail("the mosquitto binary is missing: run .ci/setup (apt-get install -y mosquitto)")
     made = []
 
-    def make(users: dict | None = None) -> MosquittoBroker:
-        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users).start()
+    def make(users: dict | None = None, extra: str = "") -> MosquittoBroker:
+        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users, extra).start()
         made.append(b)
         return b
 
@@ -286,7 +286,9 @@ class Collector:
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(protocol.subscription("up"), 1),
-                                                                     (protocol.subscription("status"), 1)])
+                                                                     (protocol.subscription("status"), 1),
+                                                                     (protocol.subscription("heartbeat"), 0)])
+        self.heartbeats: list = []
         self.client.on_message = self._on_message
         self.statuses: dict[str, object] = {}
         self.client.reconnect_delay_set(0.2, 1)
@@ -299,6 +301,9 @@ class Collector:
         with self.lock:
             if channel == "status":
                 self.statuses[device] = decoded
+                return
+            if channel == "heartbeat":
+                self.heartbeats.append(decoded)
                 return
             if isinstance(decoded, self.protocol.ChunkRequest):
                 self.chunk_requests.append(decoded)
@@ -408,3 +413,50 @@ def amqtt_broker():
     b = AmqttBroker().start()
     yield b
     b.stop()
+
+
+def make_tls_material(root: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN = device id)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject_cn, issuer_cert, issuer_key, key, ca=False, san=None):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+        b = (x509.CertificateBuilder().subject_name(name)
+             .issuer_name(issuer_cert.subject if issuer_cert else name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key or key, hashes.SHA256())
+
+    def write(name, obj):
+        path = root / name
+        if isinstance(obj, x509.Certificate):
+            path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+        else:
+            path.write_bytes(obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                               serialization.NoEncryption()))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("edgesdk test CA", None, None, ca_key, ca=True)
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    srv = cert("127.0.0.1", ca, ca_key, srv_key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cli_key = ec.generate_private_key(ec.SECP256R1())
+    cli = cert("dev-tls", ca, ca_key, cli_key)
+    return {"ca": write("ca.pem", ca), "server_cert": write("server.pem", srv), "server_key": write("server.key", srv_key),
+            "client_cert": write("client.pem", cli), "client_key": write("client.key", cli_key)}
+
+
+@pytest.fixture
+def tls_material(tmp_path: Path) -> dict[str, Path]:
+    return make_tls_material(tmp_path)

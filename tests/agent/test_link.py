@@ -23,7 +23,9 @@ def make_link(tmp_path, signing_keys, request):
         cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=url,
                           trusted_keys=[str(signing_keys.public)], threads=1, pool_size=1,
                           heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000),
-                          username=kw.pop("username", ""), password=kw.pop("password", ""))
+                          username=kw.pop("username", ""), password=kw.pop("password", ""),
+                          ca_file=kw.pop("ca_file", ""), client_cert=kw.pop("client_cert", ""),
+                          client_key=kw.pop("client_key", ""))
         agent = Agent(cfg).start(local_api=False)
         protocol = kw.pop("protocol", "5")
         link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol=protocol, **kw).start()
@@ -86,6 +88,12 @@ def test_presence_and_heartbeats(make_link, collector, eventually, digits_bundle
     assert eventually(lambda: getattr(collector.statuses.get("dev-p"), "models", {}) == {"digits": "1"})
     st = collector.statuses["dev-p"]
     assert st.online and st.agent_version and st.runtime["name"] == "ai_edge_litert" and "cpu" in st.delegates
+    for x in range(7):
+        agent.predict("digits", [np.zeros((1, 8, 8, 1), np.float32)])
+    assert eventually(lambda: any(h.models.get("digits", {}).get("requests") == 7 for h in collector.heartbeats))
+    hb = next(h for h in collector.heartbeats if h.models.get("digits", {}).get("requests") == 7)
+    assert hb.device == "dev-p" and hb.models["digits"]["version"] == "1" and hb.models["digits"]["p50_ms"] > 0
+    assert hb.outbox_pending >= 0 and hb.uptime_s > 0
     link.stop()
     assert eventually(lambda: collector.statuses["dev-p"].online is False)
 
@@ -236,3 +244,15 @@ def test_username_password_auth(make_link, make_broker, eventually) -> None:
     assert link.conn.wait_connected(20)
     _, bad = make_link("dev-x", url=secured.url, username="dev-x", password="wrong")
     assert not bad.conn.wait_connected(3)  # refused: the agent keeps retrying and says why in its log
+
+
+def test_mutual_tls_with_a_client_certificate(make_link, make_broker, tls_material) -> None:
+    tls = tls_material
+    secured = make_broker(extra=f"cafile {tls['ca']}\ncertfile {tls['server_cert']}\nkeyfile {tls['server_key']}\n"
+                                "require_certificate true\nuse_identity_as_username true\n")
+    url = f"mqtts://127.0.0.1:{secured.port}"
+    agent, link = make_link("dev-tls", url=url, ca_file=str(tls["ca"]), client_cert=str(tls["client_cert"]),
+                            client_key=str(tls["client_key"]))
+    assert link.conn.wait_connected(20)
+    _, anonymous = make_link("dev-anon", url=url, ca_file=str(tls["ca"]))  # no client certificate
+    assert not anonymous.conn.wait_connected(3)
