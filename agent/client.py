@@ -20,7 +20,7 @@ import numpy as np
 
 from sdk.errors import InferenceError
 
-from .localapi import _U32, RESP, BufferedReader, Op, read_tensors, write_request
+from .localapi import _U32, RESP, BufferedReader, Op, read_tensors, tune_socket, write_request
 
 __all__ = ["AgentClient"]
 
@@ -30,6 +30,7 @@ class AgentClient:
         self.socket_path = str(socket_path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
+        tune_socket(self._sock)
         try:
             self._sock.connect(self.socket_path)
         except OSError as exc:
