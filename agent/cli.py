@@ -55,6 +55,9 @@ def run_command(config_path: str, protocol: str, no_mqtt: bool) -> None:
     from .config import load_config
     from .daemon import Agent
 
+    stop = threading.Event()  # handlers first: a SIGTERM during start-up still shuts down cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     cfg = load_config(config_path)
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -65,9 +68,6 @@ def run_command(config_path: str, protocol: str, no_mqtt: bool) -> None:
         from .link import AgentLink
 
         link = AgentLink(agent, protocol=protocol).start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("agent %s serving %s on %s; broker %s", cfg.device_id,
              ", ".join(m["name"] for m in agent.models()) or "no models yet", cfg.socket_path,
              "off" if no_mqtt else cfg.broker_url)
