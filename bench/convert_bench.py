@@ -30,29 +30,13 @@ import numpy as np  # noqa: E402
 
 
 def digits_model(tmp: Path) -> tuple[Path, Path, Path]:
-    import keras
-    from sklearn.datasets import load_digits
+    from converter.digits import load_digits_split, train_digits_cnn
 
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int64)
-    idx = np.random.default_rng(0).permutation(len(x))
-    x, y = x[idx], y[idx]
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    m.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    m.fit(x[:1400], y[:1400], epochs=10, batch_size=32, verbose=0)
+    d = load_digits_split()
+    m, _ = train_digits_cnn(d)
     m.save(tmp / "digits.keras")
-    np.savez(tmp / "digits_calib.npz", x=x[:300])
-    np.savez(tmp / "digits_eval.npz", x=x[1400:], y=y[1400:])
+    np.savez(tmp / "digits_calib.npz", x=d.x_train[:300])
+    np.savez(tmp / "digits_eval.npz", x=d.x_test, y=d.y_test)
     return tmp / "digits.keras", tmp / "digits_calib.npz", tmp / "digits_eval.npz"
 
 

@@ -25,35 +25,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    import keras
     import numpy as np
-    from sklearn.datasets import load_digits
 
     from converter import convert
+    from converter.digits import load_digits_split, train_digits_cnn
     from sdk import Bundle, generate_keys, load_public_key
 
     print("1/4 training a small CNN on scikit-learn's digits (1,797 real 8x8 images)...", flush=True)
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int64)
-    idx = np.random.default_rng(0).permutation(len(x))
-    x, y = x[idx], y[idx]
-    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x_train, y_train, epochs=args.epochs, batch_size=32, verbose=0)
+    data = load_digits_split()
+    model, accuracy = train_digits_cnn(data, epochs=args.epochs)
+    print(f"    test accuracy {100 * accuracy:.2f}%")
     model.save(out / "digits.keras")
-    np.savez(out / "calibration.npz", x=x_train[:300])
-    np.savez(out / "test.npz", x=x_test, y=y_test)
+    np.savez(out / "calibration.npz", x=data.x_train[:300])
+    np.savez(out / "test.npz", x=data.x_test, y=data.y_test)
 
     print("2/4 generating a signing key...", flush=True)
     keys = out / "keys"

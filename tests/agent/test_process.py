@@ -6,10 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
-import pytest
 
 from agent import Agent, AgentClient
 from agent.config import load_config
