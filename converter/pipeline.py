@@ -222,7 +222,7 @@ def convert(
         eval_set = Dataset([rng.random((32, *s.shape[1:]), dtype=np.float32) for s in src.inputs], None, "synthetic")
         eval_name = "32 synthetic uniform [0,1) inputs"
         notes.append("no --eval or --calibration data: agreement measured on synthetic inputs only")
-    value_ranges = (calib or eval_set).value_range
+    value_ranges = (calib if calib is not None else eval_set).value_range
 
     steps("reference outputs")
     if src.kind == "tflite":
