@@ -22,6 +22,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -70,11 +71,10 @@ def probe_protocol(settings: MqttSettings, timeout: float = 5.0) -> str:
     _configure_auth(client, settings)
 
     def on_connect(c, userdata, flags, reason_code, properties):
-        result["rc"] = reason_code
+        result["connack"] = reason_code
         done.set()
 
     def on_disconnect(c, userdata, flags, reason_code, properties):
-        result.setdefault("rc", reason_code)
         done.set()
 
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
@@ -86,10 +86,12 @@ def probe_protocol(settings: MqttSettings, timeout: float = 5.0) -> str:
     done.wait(timeout)
     client.disconnect()
     client.loop_stop()
-    rc = result.get("rc")
-    if rc is not None and not getattr(rc, "is_failure", False):
-        return "5"
-    return "3.1.1"
+    connack = result.get("connack")
+    if connack is None:
+        return "3.1.1"  # closed without a CONNACK, as MQTT 3.1.1-only brokers (amqtt) answer a v5 CONNECT
+    # any CONNACK means the broker speaks v5 (a refusal for credentials is for the real connect to report),
+    # except "Unsupported protocol version" (0x84)
+    return "3.1.1" if getattr(connack, "value", 0) == 0x84 else "5"
 
 
 def _configure_auth(client, s: MqttSettings) -> None:
@@ -134,14 +136,36 @@ class MqttConnection:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "MqttConnection":
-        mqtt = _paho()
-        if self.protocol == "auto":
+        """Start the worker and connect in the background (the broker may be down: it retries)."""
+        self._worker = threading.Thread(target=self._work_loop, name="edgesdk-mqtt-worker", daemon=True)
+        self._worker.start()
+        if self.protocol != "auto":
+            self._connect(self.protocol)
+            return self
+        try:
+            self._connect(probe_protocol(self.settings))
+        except BrokerError as exc:
+            # The broker is unreachable now, so its protocol is unknown: keep probing until it
+            # answers, then connect with what it speaks (an MQTT 3.1.1 broker refuses v5 for good).
+            log.warning("%s; retrying", exc)
+            threading.Thread(target=self._probe_until_reachable, name="edgesdk-mqtt-probe", daemon=True).start()
+        return self
+
+    def _probe_until_reachable(self) -> None:
+        while not self._closing:
             try:
-                self.protocol = probe_protocol(self.settings)
-            except BrokerError as exc:
-                log.warning("%s; will keep retrying with MQTT 5", exc)
-                self.protocol = "5"
-        proto = _protocol_const(mqtt, self.protocol)
+                protocol = probe_protocol(self.settings)
+            except BrokerError:
+                time.sleep(2.0)
+                continue
+            if not self._closing:
+                self._connect(protocol)
+            return
+
+    def _connect(self, protocol: str) -> None:
+        mqtt = _paho()
+        self.protocol = protocol
+        proto = _protocol_const(mqtt, protocol)
         kwargs = {"client_id": self.settings.client_id, "protocol": proto}
         if proto == mqtt.MQTTv311:
             kwargs["clean_session"] = not self.settings.persistent_session
@@ -155,9 +179,6 @@ class MqttConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        self._client = client
-        self._worker = threading.Thread(target=self._work_loop, name="edgesdk-mqtt-worker", daemon=True)
-        self._worker.start()
         connect_kwargs = {"keepalive": self.settings.keepalive}
         if proto == mqtt.MQTTv5:
             props = mqtt.Properties(require("paho.mqtt.packettypes", "agent").PacketTypes.CONNECT)
@@ -169,8 +190,8 @@ class MqttConnection:
             client.connect_async(self.settings.host, self.settings.port, **connect_kwargs)
         except (OSError, socket.gaierror) as exc:
             raise BrokerError(f"cannot reach the MQTT broker at {self.settings.host}:{self.settings.port}: {exc}") from exc
+        self._client = client
         client.loop_start()
-        return self
 
     def stop(self, *, publish_before: Optional[tuple[str, bytes, int, bool]] = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly (optionally publishing one last message, e.g. retained 'offline')."""

@@ -387,6 +387,15 @@ def amqtt_broker():
     b.stop()
 
 
+@pytest.fixture
+def unstarted_amqtt_broker():
+    """An amqtt broker with its port chosen but not listening yet: the test starts it."""
+    b = AmqttBroker()
+    yield b
+    if b._ready.is_set():
+        b.stop()
+
+
 def make_tls_material(root: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate (CN = device id)."""
     import datetime

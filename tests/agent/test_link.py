@@ -229,6 +229,16 @@ def test_link_works_through_an_mqtt311_broker(make_link, make_collector, amqtt_b
         fleet.close()
 
 
+def test_auto_protocol_waits_for_a_broker_that_is_down_at_start(make_link, unstarted_amqtt_broker) -> None:
+    """The protocol is probed once the broker answers, so a 3.1.1-only broker that starts after
+    the agent still gets a 3.1.1 connection."""
+    agent, link = make_link("dev-late", url=unstarted_amqtt_broker.url, protocol="auto")
+    assert not link.conn.wait_connected(1.0)
+    unstarted_amqtt_broker.start()
+    assert link.conn.wait_connected(30)
+    assert link.conn.protocol == "3.1.1"
+
+
 def test_oversized_messages_are_never_published(make_link, broker) -> None:
     from sdk.errors import BrokerError
 
