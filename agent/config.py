@@ -20,6 +20,7 @@ Example (``edgesdk agent install`` writes one like it)::
     metrics_port = 0                      # Prometheus /metrics on 127.0.0.1:PORT; 0 = off
     heartbeat_interval = 30.0             # seconds
     outbox_max = 10000                    # durable messages held while the fleet is unreachable
+    work_slots = 0                        # fleet batch tasks run at once; 0 = pool_size
     [tags]
     site = "berlin"
     hw = "coral"
@@ -72,6 +73,7 @@ class AgentConfig:
     metrics_port: int = 0
     heartbeat_interval: float = 30.0
     outbox_max: int = 10000
+    work_slots: int = 0
     tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,8 @@ class AgentConfig:
         for name in ("threads", "pool_size", "outbox_max"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if int(self.work_slots) < 0:
+            raise ConfigError("work_slots must be 0 (= pool_size) or more")
         if self.heartbeat_interval <= 0:
             raise ConfigError("heartbeat_interval must be positive (seconds)")
         if bool(self.client_cert) != bool(self.client_key):
@@ -179,7 +183,7 @@ def load_config(path: Optional[os.PathLike | str] = None, env: Optional[Mapping[
                 raise ConfigError(f"EDGESDK_{name.upper()}={raw!r}: {exc}") from exc
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        for name in ("threads", "pool_size", "metrics_port", "outbox_max"):
+        for name in ("threads", "pool_size", "metrics_port", "outbox_max", "work_slots"):
             if name in data:
                 data[name] = int(data[name])
         if "heartbeat_interval" in data:

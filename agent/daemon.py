@@ -31,7 +31,7 @@ from sdk.runtime import DelegateOptions, Runtime, available_delegates, find_runt
 from sdk.signing import load_public_keys
 
 from .config import AgentConfig
-from .installer import PreparedInstall, prepare_install
+from .installer import PreparedInstall, compare_latency, prepare_install
 from .localapi import LocalApiServer
 from .metrics import MetricsServer, prometheus_text
 from .serving import ActiveModel, Inputs
@@ -159,13 +159,20 @@ class Agent:
             prepared = self._prepare(raw, source)
             name, version = prepared.name, prepared.version
             previous = self.store.active(name)
+            summary = prepared.summary()
+            old = self._models.get(name)
+            if old is not None and old.version != version:
+                try:
+                    summary["p50_ms"], summary["previous_p50_ms"] = compare_latency(prepared.model, old)
+                except Exception as exc:  # a comparison failure must not block an install
+                    log.warning("could not compare latency with %s@%s: %s", name, old.version, exc)
             self._ensure_disk(len(raw))
             self.store.stage(name, version, raw)
             self.store.activate(name, version)
             with self._lock:
                 self._models[name] = prepared.model  # the swap: new requests see the new model
         log.info("installed %s@%s (previous %s) on %s", name, version, previous, prepared.model.delegate)
-        return {**prepared.summary(), "previous": previous}
+        return {**summary, "previous": previous}
 
     def rollback(self, name: str, to_version: Optional[str] = None) -> dict[str, Any]:
         """Reactivate the previous (or a given stored) version of ``name``."""

@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sdk import golden
 from sdk.bundle import EDGETPU_MODEL_NAME, Bundle
 from sdk.errors import DelegateUnavailableError, EdgeSdkError, IncompatibleBundleError, InstallError
-from sdk.latency import measure
+from sdk.latency import measure, measure_interleaved
 from sdk.runtime import DelegateOptions, Runtime
 
 from .serving import ActiveModel
 
-__all__ = ["PreparedInstall", "prepare_install", "health_check"]
+__all__ = ["PreparedInstall", "prepare_install", "health_check", "compare_latency"]
 
 
 @dataclass
@@ -119,3 +119,18 @@ def prepare_install(
     worst, p50 = health_check(model, bundle)
     return PreparedInstall(bundle, model, worst, p50)
 
+
+
+def _golden_call(model: ActiveModel):
+    g = model.manifest.get("golden") or {}
+    inputs = golden.golden_inputs(int(g.get("seed", 0)), 0, model.manifest.get("inputs", []))
+    return lambda: model.run_raw_on_one_engine(inputs)
+
+
+def compare_latency(new: ActiveModel, old: ActiveModel, *, runs: int = 30, min_seconds: float = 0.3) -> tuple[float, float]:
+    """p50 ms of the new and the currently active model, each on its own golden inputs, measured
+    interleaved at the same moment on this device: the figures a fleet compares for a latency
+    regression (a p50 from yesterday's heartbeat was taken under other load)."""
+    stats = measure_interleaved({"new": _golden_call(new), "old": _golden_call(old)}, warmup=2, runs=runs,
+                                min_seconds=min_seconds)
+    return stats["new"].p50_ms, stats["old"].p50_ms

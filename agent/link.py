@@ -7,8 +7,13 @@ the durable outbox sender.
 * Heartbeats every ``heartbeat_interval`` with each model's latency percentiles and counters.
 * Commands (``cmd``): install (transfer the chunks this device lacks, then verify/install),
   rollback, and the fleet's acks that clear the outbox. Work runs off paho's thread.
-* Outbox sender: publishes what the outbox holds, again after every reconnect and after
-  ``resend_after`` seconds without an ack.
+* Batch work (``task``): the agent announces its free slots (:class:`~sdk.protocol.WorkRequest`)
+  on connect, when a task finishes, when its models change and every ``announce_interval``
+  seconds while it has free slots; it runs at most ``work_slots`` tasks at once and sends each
+  :class:`~sdk.protocol.TaskResult` through the outbox. A full outbox announces zero free slots.
+* Outbox sender: publishes what the outbox holds, again after every reconnect, whenever a new
+  fleet session appears on the fleet's presence topic, and after ``resend_after`` seconds
+  without an ack.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class AgentLink:
         chunk_timeout: float = 5.0,
         connection_factory: Callable[..., MqttConnection] = MqttConnection,
         protocol: str = "auto",
+        announce_interval: float = 5.0,
     ) -> None:
         self.agent = agent
         cfg = agent.config
@@ -63,11 +69,17 @@ class AgentLink:
         self._installs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgesdk-install")
         self._transfers: dict[str, tuple[Transfer, float]] = {}
         self._tlock = threading.Lock()
+        self.capacity = cfg.work_slots or cfg.pool_size
+        self.announce_interval = announce_interval
+        self._tasks = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="edgesdk-task")
+        self._running: set[str] = set()
+        self._fleet_session = ""
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "AgentLink":
         will = (proto.topic(self.device, "status"), self._status(online=False).to_payload(), 1, True)
-        subs = [(proto.topic(self.device, "cmd"), 1), (proto.topic(self.device, "chunk"), 1)]
+        subs = [(proto.topic(self.device, "cmd"), 1), (proto.topic(self.device, "chunk"), 1),
+                (proto.topic(self.device, "task"), 1), (proto.fleet_topic(), 1)]
         self.conn = self._factory(self.settings, self._handle, subs, will=will, on_connected=self._on_connected)
         self.conn.start()
         self.agent.result_sink = lambda model, outputs, key: self.publish_result(model, outputs, key=key)
@@ -84,6 +96,7 @@ class AgentLink:
         for t in self._threads:
             t.join(5)
         self._installs.shutdown(wait=True)
+        self._tasks.shutdown(wait=True)
         if self.conn is not None:
             offline = (proto.topic(self.device, "status"), self._status(online=False).to_payload(), 1, True)
             self.conn.stop(publish_before=offline)
@@ -103,11 +116,80 @@ class AgentLink:
 
     def _on_connected(self) -> None:
         self.publish_status()
+        self._resync()
+
+    def _resync(self) -> None:
+        """Replay the outbox, resume transfers, announce free slots (after a reconnect or when a
+        new fleet session appears)."""
         self.outbox.reset_sent()
         with self._tlock:
             transfers = [t for t, _ in self._transfers.values()]
         for t in transfers:
             self._request_chunks(t)
+        self.announce_work()
+
+    # --- batch work ----------------------------------------------------------------------------
+    def _work_request(self) -> proto.WorkRequest:
+        models = {m["name"]: m["active"] for m in self.agent.models() if m["active"]}
+        with self._tlock:
+            running = sorted(self._running)
+        free = self.capacity - len(running) if models and not self.outbox.full and not self._stop.is_set() else 0
+        return proto.WorkRequest(device=self.device, models=models, capacity=self.capacity, free=max(0, free),
+                                 running=running)
+
+    def announce_work(self) -> None:
+        """Tell the fleet how many tasks this agent can take now (not durable: re-sent periodically)."""
+        try:
+            self._publish(proto.topic(self.device, "up"), self._work_request().to_payload())
+        except BrokerError as exc:
+            log.debug("work announcement deferred: %s", exc)
+
+    def _on_task(self, task: proto.Task) -> None:
+        with self._tlock:
+            if task.id in self._running:
+                return  # a duplicate delivery of a task already running
+            # the fleet keeps at most `capacity` tasks outstanding; a few more can arrive when a
+            # re-dispatched task's first result came back early, so queue up to 4x before declining
+            if self.outbox.full or len(self._running) >= 4 * self.capacity:
+                log.warning("declined task %s of job %s: %s", task.id, task.job,
+                            "outbox full" if self.outbox.full else "too many tasks queued")
+                declined = True
+            else:
+                self._running.add(task.id)
+                declined = False
+        if declined:
+            self.announce_work()  # the fleet re-dispatches the task when its lease ends
+            return
+        self._tasks.submit(self._run_task, task)
+
+    def _run_task(self, task: proto.Task) -> None:
+        t0 = time.perf_counter()
+        version, outputs, error = "", [], ""
+        try:
+            model = self.agent.model(task.model)
+            version = model.version
+            per_sample = [self.agent.predict(task.model, [x[i : i + 1] for x in task.inputs]) for i in range(task.count)]
+            outputs = [proto.Result.encode_tensor(np.concatenate([ys[k] for ys in per_sample], axis=0))
+                       for k in range(len(per_sample[0]))] if per_sample else []
+        except EdgeSdkError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug on one task must not stop the worker
+            log.exception("task %s failed", task.id)
+            error = f"agent error: {type(exc).__name__}: {exc}"
+        msg = proto.TaskResult(device=self.device, job=task.job, task=task.id, model=task.model, version=version,
+                               outputs=outputs, error=error, elapsed_s=time.perf_counter() - t0, samples=task.count)
+        try:
+            try:
+                self.send_durable(msg)
+            except BrokerError as exc:  # too large for the broker: report that instead of the outputs
+                msg.outputs, msg.error = [], f"{exc}: run the job with a smaller --batch-size"
+                self.send_durable(msg)
+        except BackpressureError as exc:
+            log.error("task %s of job %s: result not queued (%s); the fleet will re-dispatch it", task.id, task.job, exc)
+        finally:
+            with self._tlock:
+                self._running.discard(task.id)
+            self.announce_work()
 
     def _heartbeats(self) -> None:
         interval = self.agent.config.heartbeat_interval
@@ -124,8 +206,14 @@ class AgentLink:
 
     # --- durable messages ---------------------------------------------------------------------
     def send_durable(self, message: proto.Message) -> str:
-        """Queue a message in the outbox (raises BackpressureError when full); returns its id."""
-        self.outbox.put(message.id, proto.topic(self.device, "up"), message.to_payload())
+        """Queue a message in the outbox; returns its id. Raises BackpressureError when the outbox
+        is full and BrokerError when the message could never pass the broker's packet limit (an
+        oversized message must not sit in the outbox blocking everything behind it)."""
+        topic, payload = proto.topic(self.device, "up"), message.to_payload()
+        limit = self.conn.max_packet if self.conn is not None else self.settings.max_packet_size
+        if len(payload) + len(topic) + 16 > limit:
+            raise BrokerError(f"{message.TYPE} message of {len(payload)} bytes exceeds the broker's packet limit of {limit}")
+        self.outbox.put(message.id, topic, payload)
         return message.id
 
     def publish_result(self, model: str, outputs: Sequence[np.ndarray], *, key: str = "",
@@ -165,9 +253,15 @@ class AgentLink:
 
     # --- commands ---------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == proto.fleet_topic():
+            self._on_fleet_status(payload)
+            return
         _, channel = proto.parse_topic(topic)
         if channel == "chunk":
             self._on_chunk(proto.Chunk.from_payload(payload))
+            return
+        if channel == "task":
+            self._on_task(proto.Task.from_payload(payload))
             return
         try:
             msg = proto.decode(payload)
@@ -183,10 +277,25 @@ class AgentLink:
         else:
             log.warning("ignored unexpected %s message on cmd", msg.TYPE)
 
+    def _on_fleet_status(self, payload: bytes) -> None:
+        try:
+            msg = proto.FleetStatus.from_payload(payload)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed fleet status: %s", exc)
+            return
+        if msg.online and msg.session != self._fleet_session:
+            first = not self._fleet_session
+            self._fleet_session = msg.session
+            if not first:
+                log.info("a new fleet session (%s): replaying the outbox", msg.session[:8])
+            self._resync()
+
     def _report(self, state: str, model: str, version: str, reason: str = "", rollout: Optional[str] = None,
-                previous: Optional[str] = None, p50_ms: Optional[float] = None) -> None:
+                previous: Optional[str] = None, p50_ms: Optional[float] = None,
+                previous_p50_ms: Optional[float] = None) -> None:
         status = proto.InstallStatus(device=self.device, model=model, version=version, state=state, reason=reason,
-                                     rollout=rollout, previous_version=previous, p50_ms=p50_ms)
+                                     rollout=rollout, previous_version=previous, p50_ms=p50_ms,
+                                     previous_p50_ms=previous_p50_ms)
         try:
             self.send_durable(status)
         except BackpressureError:
@@ -241,8 +350,13 @@ class AgentLink:
             self._installs.submit(self._finish, transfer)
 
     def _watchdog(self) -> None:
+        last_announce = time.monotonic()
         while not self._stop.wait(1.0):
             now = time.monotonic()
+            if now - last_announce >= self.announce_interval:
+                last_announce = now
+                if self.conn is not None and self.conn.connected.is_set() and self._work_request().free:
+                    self.announce_work()
             with self._tlock:
                 stale = [t for t, seen in self._transfers.values() if now - seen > self.chunk_timeout]
                 for t in stale:
@@ -261,8 +375,10 @@ class AgentLink:
         finally:
             if transfer.dir.exists() and transfer.complete:
                 transfer.discard()
-        self._report("SUCCEEDED", cmd.model, cmd.version, "", cmd.rollout, result.get("previous"), result.get("p50_ms"))
+        self._report("SUCCEEDED", cmd.model, cmd.version, "", cmd.rollout, result.get("previous"), result.get("p50_ms"),
+                     result.get("previous_p50_ms"))
         self._safe_status()
+        self.announce_work()
 
     def _do_rollback(self, cmd: proto.RollbackCommand) -> None:
         try:
@@ -272,6 +388,7 @@ class AgentLink:
             return
         self._report("ROLLED_BACK", cmd.model, result["version"], "", cmd.rollout, result.get("previous"), result.get("p50_ms"))
         self._safe_status()
+        self.announce_work()
 
     def _safe_status(self) -> None:
         try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from sdk.runtime import Engine
 
-from .data import Dataset
+from sdk.dataset import Dataset
 
 __all__ = ["run_engine", "score", "is_classifier"]
 

@@ -29,7 +29,7 @@ from sdk.runtime import DelegateOptions, Engine, find_runtime, open_engine, quan
 from sdk.signing import load_private_key
 
 from . import compat
-from .data import Dataset, load_dataset
+from sdk.dataset import Dataset, load_dataset
 from .edgetpu import compile_for_edgetpu
 from .evaluation import run_engine, score
 from .recipes import RECIPES, Recipe, candidate_recipes, convert_saved_model, default_recipe

@@ -18,7 +18,7 @@ import numpy as np
 
 from sdk.errors import ConfigError, DataError
 
-from .data import Dataset
+from sdk.dataset import Dataset
 from .source import keras
 
 __all__ = ["PruneResult", "prune_model", "kernel_sparsity"]

@@ -30,7 +30,7 @@ from sdk.errors import ConfigError, ConversionError, QuantizationError, Unsuppor
 from sdk.modelinfo import read_model_info
 from sdk.native import native_stderr_to_log
 
-from .data import Dataset
+from sdk.dataset import Dataset
 from .source import tensorflow
 
 log = logging.getLogger("edgesdk.converter")

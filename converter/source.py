@@ -23,7 +23,7 @@ from sdk.errors import ModelLoadError, ModelNotFoundError
 from sdk.modelinfo import read_model_info
 from sdk.native import native_stderr_to_log
 
-from .data import InputSpec
+from sdk.dataset import InputSpec
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -26,7 +26,11 @@ so a caller catches ``EdgeSdkError`` and gets a message that says what was wrong
     ├── InstallError                   a bundle install failed; the previous version stays active
     ├── BackpressureError              the agent's outbox is full: it accepts no new work until acked
     ├── ProtocolError                  a message that does not follow the wire protocol
-    └── BrokerError                    the MQTT broker cannot be reached or refused us
+    ├── BrokerError                    the MQTT broker cannot be reached or refused us
+    └── FleetError                     a fleet operation cannot proceed
+        ├── NotFoundError              no rollout, job or device with that id
+        ├── RolloutError               a rollout cannot be created or was aborted
+        └── JobError                   a batch job cannot be created or did not complete
 
 Each class carries ``exit_code`` so the CLI exits with a stable, documented code per kind.
 """
@@ -57,6 +61,10 @@ __all__ = [
     "BackpressureError",
     "ProtocolError",
     "BrokerError",
+    "FleetError",
+    "NotFoundError",
+    "RolloutError",
+    "JobError",
 ]
 
 
@@ -203,3 +211,27 @@ class BackpressureError(EdgeSdkError):
     """The agent's durable outbox is full; it accepts no new work until the fleet acknowledges."""
 
     exit_code = 18
+
+
+class FleetError(EdgeSdkError):
+    """A fleet operation cannot proceed (see the subclasses)."""
+
+    exit_code = 19
+
+
+class NotFoundError(FleetError):
+    """No rollout, job or device with that id in the fleet's state."""
+
+    exit_code = 20
+
+
+class RolloutError(FleetError):
+    """A rollout cannot be created (no targets, bad options) or ended ABORTED."""
+
+    exit_code = 21
+
+
+class JobError(FleetError):
+    """A batch job cannot be created (no model, bad data) or could not complete."""
+
+    exit_code = 22

@@ -57,6 +57,23 @@ class MqttSettings:
     session_expiry: int = 24 * 3600
     max_packet_size: int = 256 * 1024
 
+    @classmethod
+    def from_url(cls, url: str, **kwargs: object) -> "MqttSettings":
+        """Settings for ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]`` (TLS), plus any field."""
+        from urllib.parse import urlparse
+
+        from .errors import ConfigError
+
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ConfigError(f"broker URL {url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        tls = u.scheme == "mqtts"
+        fields = {"host": u.hostname, "port": u.port or (8883 if tls else 1883), "tls": tls}
+        if u.username:
+            fields.update(username=u.username, password=u.password or "")
+        fields.update({k: v for k, v in kwargs.items() if v not in (None, "")})
+        return cls(**fields)  # type: ignore[arg-type]
+
 
 def _protocol_const(mqtt, protocol: str) -> int:
     return mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311

@@ -1,7 +1,7 @@
 """The wire protocol between agents and the fleet: every MQTT topic and every message, here only.
 
-Topics are built from one template, ``edgesdk/v1/devices/{device}/{channel}``; no other module
-formats a topic string. Channels:
+Topics are built from one template, ``edgesdk/v1/devices/{device}/{channel}`` (plus the fleet's
+own presence, ``edgesdk/v1/fleet/status``); no other module formats a topic string. Channels:
 
 ==========  =========  =====================================================================
 channel     direction  carries
@@ -10,10 +10,20 @@ status      agent→all  :class:`Status`, retained; the Last-Will publishes ``on
 heartbeat   agent→     :class:`Heartbeat` (latency histograms, counters), QoS 0
 cmd         fleet→     commands: :class:`InstallCommand`, :class:`RollbackCommand`, :class:`Ack`
 chunk       fleet→     :class:`Chunk` (binary): one piece of a bundle, at most 128 KiB of data
+task        fleet→     :class:`Task` (binary): a slice of a batch job's inputs, with a lease
 up          agent→     durable messages from the outbox (:class:`InstallStatus`,
-                       :class:`Result`), each acknowledged by the fleet with :class:`Ack`;
-                       and :class:`ChunkRequest` (re-sent by the agent until chunks arrive)
+                       :class:`Result`, :class:`TaskResult`), each acknowledged by the fleet
+                       with :class:`Ack`; and, not durable, :class:`ChunkRequest` (re-sent by
+                       the agent until chunks arrive) and :class:`WorkRequest` (free slots)
 ==========  =========  =====================================================================
+
+The fleet publishes a retained :class:`FleetStatus` on ``edgesdk/v1/fleet/status`` (its
+Last-Will says offline); an agent that sees a new fleet session replays its outbox at once and
+announces its free work slots, so a restarted fleet does not wait for agents' resend timers.
+
+Batch work is pulled, not pushed: an agent announces ``capacity`` and ``free`` slots for the
+models it has active (:class:`WorkRequest`) and the fleet never has more of its tasks
+outstanding than that, so a fast device gets more work and a slow one is never flooded.
 
 Every message is a small class with ``to_payload()``/``from_payload()`` and validation. JSON
 messages carry ``schema`` (:data:`SCHEMA_VERSION`), ``type`` and a message ``id``; the receiver
@@ -37,7 +47,8 @@ from .errors import ProtocolError
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgesdk/v1"
-CHANNELS = ("status", "heartbeat", "cmd", "chunk", "up")
+CHANNELS = ("status", "heartbeat", "cmd", "chunk", "task", "up")
+FLEET_STATUS_TOPIC = f"{TOPIC_ROOT}/fleet/status"
 CHUNK_SIZE = 128 * 1024
 _MAGIC = b"ESDK"
 _FRAME = struct.Struct("!4sBI")
@@ -47,6 +58,7 @@ __all__ = [
     "CHUNK_SIZE",
     "ProtocolError",
     "topic",
+    "fleet_topic",
     "parse_topic",
     "subscription",
     "new_id",
@@ -60,6 +72,10 @@ __all__ = [
     "ChunkRequest",
     "Chunk",
     "Result",
+    "FleetStatus",
+    "WorkRequest",
+    "Task",
+    "TaskResult",
     "split_bundle",
     "decode",
 ]
@@ -72,6 +88,11 @@ def topic(device: str, channel: str) -> str:
     if not device or any(c in device for c in "/+#\0"):
         raise ProtocolError(f"device id {device!r} must be non-empty and free of '/', '+', '#'")
     return f"{TOPIC_ROOT}/devices/{device}/{channel}"
+
+
+def fleet_topic() -> str:
+    """The fleet's retained presence topic (:class:`FleetStatus`)."""
+    return FLEET_STATUS_TOPIC
 
 
 def subscription(channel: str, device: str = "+") -> str:
@@ -228,7 +249,8 @@ class InstallStatus(Message):
     reason: str = ""
     rollout: Optional[str] = None
     previous_version: Optional[str] = None
-    p50_ms: Optional[float] = None
+    p50_ms: Optional[float] = None  # the new version's p50 in the install health check
+    previous_p50_ms: Optional[float] = None  # the version it replaced, measured the same way, same moment
 
     def validate(self) -> None:
         if self.state not in self.STATES:
@@ -245,6 +267,26 @@ class ChunkRequest(Message):
     indices: list[int] = field(default_factory=list)
 
 
+def _frame(header: dict[str, Any], data: bytes) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _FRAME.pack(_MAGIC, SCHEMA_VERSION, len(head)) + head + data
+
+
+def _unframe(payload: bytes, kind: str) -> tuple[dict[str, Any], bytes]:
+    if len(payload) < _FRAME.size:
+        raise ProtocolError(f"{kind} message too short")
+    magic, schema, hlen = _FRAME.unpack_from(payload)
+    if magic != _MAGIC or schema > SCHEMA_VERSION:
+        raise ProtocolError("not an edgesdk binary frame of a known schema")
+    try:
+        head = json.loads(payload[_FRAME.size : _FRAME.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"bad {kind} header: {exc}") from exc
+    if not isinstance(head, dict) or head.get("type") != kind:
+        raise ProtocolError(f"expected a {kind} frame")
+    return head, bytes(payload[_FRAME.size + hlen :])
+
+
 @dataclass
 class Chunk:
     """One piece of a bundle, framed in binary: the data is never re-encoded."""
@@ -258,24 +300,14 @@ class Chunk:
     TYPE: ClassVar[str] = "chunk"
 
     def to_payload(self) -> bytes:
-        header = json.dumps(
-            {"type": self.TYPE, "bundle_sha256": self.bundle_sha256, "index": self.index, "count": self.count,
-             "sha256": self.sha256},
-            separators=(",", ":"),
-        ).encode()
-        return _FRAME.pack(_MAGIC, SCHEMA_VERSION, len(header)) + header + self.data
+        return _frame({"type": self.TYPE, "bundle_sha256": self.bundle_sha256, "index": self.index,
+                       "count": self.count, "sha256": self.sha256}, self.data)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "Chunk":
-        if len(payload) < _FRAME.size:
-            raise ProtocolError("chunk message too short")
-        magic, schema, hlen = _FRAME.unpack_from(payload)
-        if magic != _MAGIC or schema > SCHEMA_VERSION:
-            raise ProtocolError("not an edgesdk binary frame of a known schema")
+        head, data = _unframe(payload, cls.TYPE)
         try:
-            head = json.loads(payload[_FRAME.size : _FRAME.size + hlen])
-            chunk = cls(head["bundle_sha256"], int(head["index"]), int(head["count"]), head["sha256"],
-                        bytes(payload[_FRAME.size + hlen :]))
+            chunk = cls(head["bundle_sha256"], int(head["index"]), int(head["count"]), head["sha256"], data)
         except (ValueError, KeyError, TypeError) as exc:
             raise ProtocolError(f"bad chunk header: {exc}") from exc
         if not 0 <= chunk.index < chunk.count or len(chunk.data) > CHUNK_SIZE:
@@ -321,8 +353,104 @@ class Result(Message):
         return np.frombuffer(base64.b64decode(obj["b64"]), dtype=obj["dtype"]).reshape(obj["shape"])
 
 
+@dataclass
+class FleetStatus(Message):
+    """The fleet's presence, retained; its Last-Will is ``online=False``. ``session`` changes on
+    every fleet start, which tells agents to replay their outboxes."""
+
+    TYPE: ClassVar[str] = "fleet_status"
+    online: bool = True
+    session: str = ""
+
+
+@dataclass
+class WorkRequest(Message):
+    """An agent's free work slots: the fleet keeps at most ``capacity`` of its tasks outstanding
+    and sends none while ``free`` is 0 (outbox full, shutting down)."""
+
+    TYPE: ClassVar[str] = "work_request"
+    device: str = ""
+    models: dict[str, str] = field(default_factory=dict)  # name -> active version
+    capacity: int = 0
+    free: int = 0
+    running: list[str] = field(default_factory=list)  # task ids in progress
+
+    def validate(self) -> None:
+        if not self.device or self.capacity < 0 or self.free < 0:
+            raise ProtocolError("work request needs a device id and non-negative slot counts")
+
+
+@dataclass
+class Task:
+    """A slice of a batch job, framed in binary: ``count`` samples of every model input, raw."""
+
+    id: str
+    job: str
+    model: str
+    lease_s: float
+    inputs: list[Any]  # numpy arrays, batch first
+    attempt: int = 1
+
+    TYPE: ClassVar[str] = "task"
+
+    @property
+    def count(self) -> int:
+        return int(self.inputs[0].shape[0]) if self.inputs else 0
+
+    def to_payload(self) -> bytes:
+        import numpy as np
+
+        arrays = [np.ascontiguousarray(x) for x in self.inputs]
+        head = {"type": self.TYPE, "id": self.id, "job": self.job, "model": self.model, "lease_s": self.lease_s,
+                "attempt": self.attempt, "inputs": [{"dtype": a.dtype.name, "shape": list(a.shape)} for a in arrays]}
+        return _frame(head, b"".join(a.tobytes() for a in arrays))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "Task":
+        import numpy as np
+
+        head, data = _unframe(payload, cls.TYPE)
+        try:
+            arrays, offset = [], 0
+            for spec in head["inputs"]:
+                dtype, shape = np.dtype(spec["dtype"]), tuple(int(d) for d in spec["shape"])
+                n = int(np.prod(shape)) * dtype.itemsize
+                if offset + n > len(data):
+                    raise ValueError("tensor data shorter than its shape")
+                arrays.append(np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape))
+                offset += n
+            if offset != len(data) or not arrays or len({a.shape[0] for a in arrays}) != 1:
+                raise ValueError("tensor sizes do not add up")
+            return cls(str(head["id"]), str(head["job"]), str(head["model"]), float(head["lease_s"]), arrays,
+                       int(head.get("attempt", 1)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"bad task frame: {exc}") from exc
+
+
+@dataclass
+class TaskResult(Message):
+    """The outputs of one :class:`Task` (batch first), or the error that stopped it. Durable."""
+
+    TYPE: ClassVar[str] = "task_result"
+    device: str = ""
+    job: str = ""
+    task: str = ""
+    model: str = ""
+    version: str = ""
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # Result.encode_tensor
+    error: str = ""
+    elapsed_s: float = 0.0
+    samples: int = 0
+
+    def validate(self) -> None:
+        if not (self.device and self.job and self.task):
+            raise ProtocolError("task result needs device, job and task")
+
+
 _TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Status, Heartbeat, InstallCommand, RollbackCommand, Ack, InstallStatus, ChunkRequest, Result)
+    c.TYPE: c
+    for c in (Status, Heartbeat, InstallCommand, RollbackCommand, Ack, InstallStatus, ChunkRequest, Result,
+              FleetStatus, WorkRequest, TaskResult)
 }
 
 

@@ -250,6 +250,7 @@ class Collector:
         self.messages: dict[str, object] = {}
         self.deliveries = 0
         self.chunk_requests: list = []
+        self.work_requests: list = []
         self.ack_enabled = ack
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
@@ -275,6 +276,9 @@ class Collector:
                 return
             if isinstance(decoded, self.protocol.ChunkRequest):
                 self.chunk_requests.append(decoded)
+                return
+            if isinstance(decoded, self.protocol.WorkRequest):
+                self.work_requests.append(decoded)
                 return
             self.deliveries += 1
             self.messages.setdefault(decoded.id, decoded)

@@ -25,7 +25,7 @@ def test_prune_with_fine_tune_reports_the_real_effect(digits_model, tmp_path) ->
 
 
 def test_pruning_keeps_masks_through_fine_tuning_and_leaves_the_original_alone(digits_model, digits) -> None:
-    from converter.data import Dataset
+    from sdk.dataset import Dataset
     from converter.source import load_source
 
     src = load_source(digits_model.path)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from converter.data import InputSpec, load_dataset
+from sdk.dataset import InputSpec, load_dataset
 from sdk.errors import DataError
 
 SPEC = [InputSpec("x", (1, 8, 8, 1))]

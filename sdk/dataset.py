@@ -63,7 +63,7 @@ class Dataset:
 
 
 def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    Image = require("PIL.Image", "converter", "to read image folders")
+    Image = require("PIL.Image", "fleet", "to read image folders")
     if len(spec.shape) != 4:
         raise DataError(
             f"image folder {folder} given, but model input {spec.name!r} has shape {list(spec.shape)}, "

@@ -1,0 +1,108 @@
+"""The device registry: who is alive, since when, and what each device runs.
+
+Presence comes from the agents' retained :class:`~sdk.protocol.Status` (online at connect, the
+Last-Will ``online=False`` when a device dies) and liveness figures from heartbeats. The
+registry keeps the last of each per device in the fleet database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+from sdk import protocol as proto
+
+from .state import FleetDB, dumps, loads
+
+__all__ = ["DeviceInfo", "Registry", "parse_tags", "matches"]
+
+
+@dataclass
+class DeviceInfo:
+    id: str
+    online: bool
+    since: Optional[float]
+    last_seen: Optional[float]
+    agent_version: str = ""
+    runtime: dict[str, str] = field(default_factory=dict)
+    delegates: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    accepting_work: bool = True
+    heartbeat: dict[str, Any] = field(default_factory=dict)  # model -> {version, p50_ms, requests, errors, ...}
+    heartbeat_at: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_tags(pairs: Any) -> dict[str, str]:
+    """``["site=berlin", "hw=coral"]`` or ``"site=berlin,hw=coral"`` → dict (ValueError when malformed)."""
+    if not pairs:
+        return {}
+    if isinstance(pairs, Mapping):
+        return {str(k): str(v) for k, v in pairs.items()}
+    if isinstance(pairs, str):
+        pairs = [p for p in pairs.split(",") if p.strip()]
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"tag {p!r}: use KEY=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def matches(tags: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(tags.get(k) == v for k, v in selector.items())
+
+
+class Registry:
+    def __init__(self, db: FleetDB) -> None:
+        self.db = db
+
+    def on_status(self, status: proto.Status, now: float) -> bool:
+        """Store a status; return True when the device came online (it was offline or unknown)."""
+        row = self.db.one("SELECT online FROM devices WHERE id = ?", (status.device,))
+        was_online = bool(row and row["online"])
+        changed = row is None or was_online != status.online
+        since = now if changed else None
+        self.db.execute(
+            "INSERT INTO devices (id, online, since, last_seen, status, tags) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET online = excluded.online, since = COALESCE(?, devices.since), "
+            "last_seen = excluded.last_seen, status = excluded.status, tags = excluded.tags",
+            (status.device, int(status.online), now, now, dumps(status.to_dict()), dumps(status.tags), since),
+        )
+        return status.online and not was_online
+
+    def on_heartbeat(self, hb: proto.Heartbeat, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO devices (id, online, since, last_seen, heartbeat, heartbeat_at) VALUES (?, 1, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, heartbeat = excluded.heartbeat, "
+            "heartbeat_at = excluded.heartbeat_at",
+            (hb.device, now, now, dumps({"uptime_s": hb.uptime_s, "models": hb.models,
+                                          "outbox_pending": hb.outbox_pending}), now),
+        )
+
+    def online(self, device: str) -> bool:
+        return bool(self.db.scalar("SELECT online FROM devices WHERE id = ?", (device,)))
+
+    def get(self, device: str) -> Optional[DeviceInfo]:
+        row = self.db.one("SELECT * FROM devices WHERE id = ?", (device,))
+        return _info(row) if row else None
+
+    def list(self, selector: Optional[Mapping[str, str]] = None) -> list[DeviceInfo]:
+        devices = [_info(r) for r in self.db.all("SELECT * FROM devices ORDER BY id")]
+        return [d for d in devices if matches(d.tags, selector or {})]
+
+
+def _info(row: Any) -> DeviceInfo:
+    status = loads(row["status"])
+    hb = loads(row["heartbeat"])
+    return DeviceInfo(
+        id=row["id"], online=bool(row["online"]), since=row["since"], last_seen=row["last_seen"],
+        agent_version=status.get("agent_version", ""), runtime=status.get("runtime", {}),
+        delegates=status.get("delegates", []), models=status.get("models", {}), tags=loads(row["tags"]),
+        accepting_work=status.get("accepting_work", True), heartbeat=hb.get("models", {}),
+        heartbeat_at=row["heartbeat_at"],
+    )
