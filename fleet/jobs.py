@@ -10,7 +10,8 @@ result exactly once, write the results in input order.
   sooner and gets more work, and a slow or busy one is never flooded. (MQTT shared subscriptions
   deliver round-robin, blind to load, and lose a dead member's unacknowledged messages.)
 * Every dispatch holds a lease of ``lease_s``; a task whose lease ends, or whose device goes
-  offline (its Last-Will), goes back to PENDING and is dispatched again.
+  offline (its Last-Will), goes back to PENDING and is dispatched again; a device that let a
+  lease lapse gets no more tasks until it announces free slots again (a hung agent does not).
 * Results are stored in the database as they arrive (before the agent's outbox entry is
   acknowledged), de-duplicated by task id: the first result of a task wins, a late duplicate
   from a device whose lease had ended is acknowledged and dropped.
@@ -271,6 +272,7 @@ class JobController:
         now = self.clock()
         for r in self.db.all("SELECT t.id, t.device, t.dispatches, j.options FROM tasks t JOIN jobs j ON j.id = t.job "
                              "WHERE j.state = 'RUNNING' AND t.state = 'LEASED' AND t.lease_until < ?", (now,)):
+            self.slots.pop(r["device"], None)  # a device that let a lease lapse gets work again once it asks
             limit = int(loads(r["options"]).get("max_attempts", 5))
             state = "FAILED" if r["dispatches"] >= limit else "PENDING"
             self.db.execute("UPDATE tasks SET state = ?, device = NULL, lease_until = NULL, "

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
 from sdk import protocol as proto
+from sdk.errors import ConfigError
 
 from .state import FleetDB, dumps, loads
 
@@ -37,7 +38,7 @@ class DeviceInfo:
 
 
 def parse_tags(pairs: Any) -> dict[str, str]:
-    """``["site=berlin", "hw=coral"]`` or ``"site=berlin,hw=coral"`` → dict (ValueError when malformed)."""
+    """``["site=berlin", "hw=coral"]`` or ``"site=berlin,hw=coral"`` → dict (ConfigError when malformed)."""
     if not pairs:
         return {}
     if isinstance(pairs, Mapping):
@@ -47,7 +48,7 @@ def parse_tags(pairs: Any) -> dict[str, str]:
     out = {}
     for p in pairs:
         if "=" not in p:
-            raise ValueError(f"tag {p!r}: use KEY=VALUE")
+            raise ConfigError(f"tag {p!r}: use KEY=VALUE")
         k, v = p.split("=", 1)
         out[k.strip()] = v.strip()
     return out

@@ -11,6 +11,7 @@ What it takes care of (see ``shared/notes/mqtt.md`` for why each matters):
 * paho ignores the broker's Maximum Packet Size and an oversized QoS-1 publish loops forever:
   :meth:`MqttConnection.publish` checks the size first (the broker's limit when it announces
   one, else ``max_packet_size``) and raises :class:`~sdk.errors.BrokerError` instead.
+* ``TCP_NODELAY`` on the socket (paho leaves Nagle on, which adds up to 40 ms per exchange).
 * A persistent session (``clean_start=False`` + session expiry on v5, ``clean_session=False``
   on 3.1.1) so QoS-1 commands sent while a device was briefly away are still delivered.
 """
@@ -119,6 +120,17 @@ def _configure_auth(client, s: MqttSettings) -> None:
             client.tls_set(ca_certs=s.ca_file or None, certfile=s.client_cert or None, keyfile=s.client_key or None)
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise BrokerError(f"TLS setup failed ({exc}): check ca_file, client_cert and client_key") from exc
+
+
+def _no_delay(client) -> None:
+    """paho leaves Nagle's algorithm on: a small publish then waits for the ACK of the previous
+    one (up to 40 ms with delayed ACKs), which caps a request/response exchange at ~20/s."""
+    try:
+        sock = client.socket()
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError) as exc:
+        log.debug("could not set TCP_NODELAY: %s", exc)
 
 
 class MqttConnection:
@@ -256,6 +268,7 @@ class MqttConnection:
         if getattr(reason_code, "is_failure", False):
             log.warning("broker refused the connection: %s", reason_code)
             return
+        _no_delay(client)
         maximum = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self.broker_max_packet = int(maximum) if maximum else None
         if self.subscriptions:

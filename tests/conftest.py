@@ -173,7 +173,7 @@ class MosquittoBroker:
 
         self.conf.write_text(
             f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n{extra}{auth}persistence false\nmax_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\nset_tcp_nodelay true\n{extra}{auth}persistence false\nmax_queued_messages 100000\n"
             f"log_dest file {root / 'mosquitto.log'}\n"
         )
         self.proc: subprocess.Popen | None = None
@@ -445,3 +445,134 @@ def make_tls_material(root: Path) -> dict[str, Path]:
 @pytest.fixture
 def tls_material(tmp_path: Path) -> dict[str, Path]:
     return make_tls_material(tmp_path)
+
+
+@pytest.fixture
+def make_link(tmp_path, signing_keys, request):
+    """``make_link("dev-1", url=..., tags=..., trusted=[...])``: an in-process Agent with its MQTT link
+    (default broker: the ``broker`` fixture); both are stopped after the test."""
+    from agent import Agent
+    from agent.config import load_config
+    from agent.link import AgentLink
+
+    made = []
+
+    def make(device="dev-1", url=None, **kw):
+        url = url or request.getfixturevalue("broker").url
+        trusted = kw.pop("trusted", None) or [signing_keys.public]
+        cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=url,
+                          trusted_keys=[str(k) for k in trusted], threads=1, pool_size=kw.pop("pool_size", 1),
+                          heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000),
+                          username=kw.pop("username", ""), password=kw.pop("password", ""),
+                          ca_file=kw.pop("ca_file", ""), client_cert=kw.pop("client_cert", ""),
+                          client_key=kw.pop("client_key", ""), tags=kw.pop("tags", {}))
+        for bundle in kw.pop("preinstall", ()):
+            setup = Agent(cfg)
+            setup.install(bundle)
+            setup.stop()
+        agent = Agent(cfg).start(local_api=False)
+        protocol = kw.pop("protocol", "5")
+        link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol=protocol, **kw).start()
+        made.append((agent, link))
+        return agent, link
+
+    yield make
+    for agent, link in made:
+        try:
+            link.stop()
+        except Exception:
+            pass
+        agent.stop()
+
+
+@pytest.fixture
+def agent_toml(tmp_path, signing_keys):
+    """``agent_toml(device, broker_url, keys=None, **config)``: write an agent.toml for a subprocess agent."""
+    from agent.config import load_config
+
+    def write(device: str, broker_url: str, keys=None, **extra) -> Path:
+        cfg = load_config(None, env={}, device_id=device, broker_url=broker_url, state_dir=tmp_path / f"{device}-state",
+                          trusted_keys=[str(k) for k in (keys or [signing_keys.public])], threads=1, pool_size=1,
+                          heartbeat_interval=1.0, **extra)
+        path = tmp_path / f"{device}.toml"
+        path.write_text(cfg.to_toml())
+        return path
+
+    return write
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """``spawn("agent", "run", "--config", p)``: ``python -m sdk ...`` as a real process (log in tmp_path);
+    whatever is still running is killed after the test."""
+    procs = []
+
+    def start(*args: str, log_name: str = "proc") -> subprocess.Popen:
+        log = open(tmp_path / f"{log_name}.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "sdk", *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "EDGESDK_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
+        procs.append((p, log))
+        return p
+
+    yield start
+    for p, log in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def make_fleet(tmp_path):
+    """``make_fleet(url)``: a started :class:`fleet.Fleet` with its own state dir, stopped after the test."""
+    from fleet import Fleet
+
+    made = []
+
+    def make(url, state=None, **kw):
+        f = Fleet(state or tmp_path / "fleet", url, tick=0.1, **kw).start()
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+@pytest.fixture
+def make_sims():
+    """``make_sims(n, url, **options)``: started :class:`fleet.SimulatedDevices`, stopped after the test."""
+    from fleet import SimulatedDevices
+
+    made = []
+
+    def make(count, url, **kw):
+        s = SimulatedDevices(count, url, **kw).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_slow(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsModel, signing_keys: Keys) -> BuiltBundle:
+    """Version 3 of the digits model: int16x8, about 10x slower than int8 on x86 (a latency regression)."""
+    from converter import convert
+
+    out = tmp_path_factory.mktemp("bundle3") / "digits-3.edgebundle"
+    res = convert(digits_model.path, target="cpu", quantize="int16x8", version="3", calibration=digits_model.calibration,
+                  eval_data=digits_model.eval, key=signing_keys.private, output=out, runs=10)
+    return BuiltBundle(res.bundle_path, res.model, res.report)
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_v2_other(tmp_path_factory: pytest.TempPathFactory, digits_bundle_v2: BuiltBundle, other_keys: Keys) -> Path:
+    """digits version 2 signed by ``other_keys`` (trusted only by agents told to)."""
+    from sdk.bundle import Bundle
+    from sdk.signing import load_private_key
+
+    out = tmp_path_factory.mktemp("bundle2o") / "digits-2-other.edgebundle"
+    Bundle.open(digits_bundle_v2.path).sign(load_private_key(other_keys.private), out)
+    return out

@@ -14,33 +14,6 @@ from sdk import protocol as proto
 from sdk.errors import BackpressureError
 
 
-@pytest.fixture
-def make_link(tmp_path, signing_keys, request):
-    made = []
-
-    def make(device="dev-1", url=None, **kw):
-        url = url or request.getfixturevalue("broker").url
-        cfg = load_config(None, env={}, device_id=device, state_dir=tmp_path / device, broker_url=url,
-                          trusted_keys=[str(signing_keys.public)], threads=1, pool_size=1,
-                          heartbeat_interval=kw.pop("heartbeat_interval", 0.5), outbox_max=kw.pop("outbox_max", 10000),
-                          username=kw.pop("username", ""), password=kw.pop("password", ""),
-                          ca_file=kw.pop("ca_file", ""), client_cert=kw.pop("client_cert", ""),
-                          client_key=kw.pop("client_key", ""))
-        agent = Agent(cfg).start(local_api=False)
-        protocol = kw.pop("protocol", "5")
-        link = AgentLink(agent, resend_after=kw.pop("resend_after", 2.0), chunk_timeout=1.0, protocol=protocol, **kw).start()
-        made.append((agent, link))
-        return agent, link
-
-    yield make
-    for agent, link in made:
-        try:
-            link.stop()
-        except Exception:
-            pass
-        agent.stop()
-
-
 class FleetStandIn:
     """Publishes install commands and answers chunk requests from pre-split chunks."""
 

@@ -1,0 +1,410 @@
+"""``edgesdk fleet ...``: devices, rollouts and batch jobs, a thin layer over :class:`fleet.Fleet`.
+
+Commands that need work done (``deploy``, ``rollout --watch``, ``rollback``, ``run``, ``job
+resume``) drive it themselves when no ``edgesdk fleet serve`` controls the state directory, and
+otherwise write their request to the database and watch the running controller do it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import click
+
+__all__ = ["fleet_group"]
+
+
+def _fleet(ctx: click.Context) -> Any:
+    from .service import Fleet
+
+    o = ctx.obj["fleet_options"]
+    return Fleet(o["state"], o["broker"], username=o["username"], password=o["password"], ca_file=o["ca_file"],
+                 client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"],
+                 max_packet_size=o["max_packet_size"])
+
+
+@contextmanager
+def _driving(ctx: click.Context) -> Iterator[Any]:
+    """A Fleet that does the work: started here, or the running ``fleet serve`` does it."""
+    fleet = _fleet(ctx)
+    if fleet._lock_is_held_elsewhere():
+        click.echo(f"(a fleet process controls {fleet.state_dir}; watching it work)", err=True)
+        yield fleet
+        return
+    fleet.start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@click.group("fleet")
+@click.option("--state", type=click.Path(file_okay=False), envvar="EDGESDK_FLEET_STATE", default=None,
+              help="Fleet state directory [env EDGESDK_FLEET_STATE; default ~/.local/share/edgesdk/fleet].")
+@click.option("--broker", envvar="EDGESDK_FLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGESDK_FLEET_BROKER].")
+@click.option("--username", envvar="EDGESDK_FLEET_USERNAME", default="", help="Broker username.")
+@click.option("--password", envvar="EDGESDK_FLEET_PASSWORD", default="", help="Broker password [env EDGESDK_FLEET_PASSWORD].")
+@click.option("--ca-file", envvar="EDGESDK_FLEET_CA_FILE", default="", help="CA certificate (PEM) for mqtts://.")
+@click.option("--client-cert", envvar="EDGESDK_FLEET_CLIENT_CERT", default="", help="Client certificate (PEM), mutual TLS.")
+@click.option("--client-key", envvar="EDGESDK_FLEET_CLIENT_KEY", default="", help="Client key (PEM), mutual TLS.")
+@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto", show_default=True,
+              help="MQTT protocol version (auto: 5, else 3.1.1).")
+@click.option("--max-packet-size", type=int, default=256 * 1024, show_default=True,
+              help="Largest MQTT message the fleet sends (the broker's own limit applies when it announces one).")
+@click.pass_context
+def fleet_group(ctx: click.Context, **options: Any) -> None:
+    """The fleet: device registry, staged rollouts, distributed batch inference."""
+    ctx.ensure_object(dict)
+    ctx.obj["fleet_options"] = options
+
+
+# --- serve -------------------------------------------------------------------------------------
+@fleet_group.command("serve")
+@click.pass_context
+def serve_command(ctx: click.Context) -> None:
+    """Run the fleet controller in the foreground until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet = _fleet(ctx).start()
+    click.echo(f"fleet controller running on {fleet.settings.host}:{fleet.settings.port}, state {fleet.state_dir}", err=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        fleet.stop()
+
+
+# --- devices -----------------------------------------------------------------------------------
+def _ago(ts: Optional[float]) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+@fleet_group.command("devices")
+@click.option("--tag", "tags", multiple=True, metavar="K=V", help="Only devices with this tag (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def devices_command(ctx: click.Context, tags: tuple[str, ...], as_json: bool) -> None:
+    """Devices: online/offline and since when, versions, delegates, models, tags, last heartbeat."""
+    from sdk.cli import echo_json
+
+    fleet = _fleet(ctx)
+    fleet.refresh_registry()
+    devices = fleet.devices(list(tags))
+    if as_json:
+        echo_json([d.to_dict() for d in devices])
+        return
+    if not devices:
+        click.echo("no devices known yet (agents announce themselves when they connect)")
+        return
+    click.echo(f"{'DEVICE':<18} {'STATE':<14} {'AGENT':<10} {'RUNTIME':<22} {'DELEGATES':<12} {'MODELS':<20} "
+               f"{'P50 ms':>7} {'REQ':>6} {'ERR':>4}  TAGS")
+    for d in devices:
+        state = f"{'online' if d.online else 'offline'} {_ago(d.since)}"
+        rt = f"{d.runtime.get('name', '?')} {d.runtime.get('version', '')}".strip()
+        models = ",".join(f"{k}@{v}" for k, v in sorted(d.models.items())) or "-"
+        hb = next(iter(d.heartbeat.values()), {}) if d.heartbeat else {}
+        p50 = f"{hb['p50_ms']:.3f}" if hb.get("p50_ms") is not None else "-"
+        click.echo(f"{d.id:<18} {state:<14} {d.agent_version:<10} {rt:<22} {','.join(d.delegates):<12} {models:<20} "
+                   f"{p50:>7} {hb.get('requests', '-')!s:>6} {hb.get('errors', '-')!s:>4}  "
+                   f"{','.join(f'{k}={v}' for k, v in sorted(d.tags.items()))}")
+
+
+# --- rollouts ------------------------------------------------------------------------------------
+def _render_rollout(view: Any, width: int = 30) -> list[str]:
+    total = max(1, sum(view.counts.values()))
+    lines = [f"rollout {view.id}: {view.model}@{view.version} {view.state}" + (f" ({view.reason})" if view.reason else "")]
+    for state, n in view.counts.items():
+        filled = round(width * n / total)
+        lines.append(f"  {state:<12} [{'#' * filled}{'.' * (width - filled)}] {n}/{total}")
+    return lines
+
+
+def _watch_rollout(fleet: Any, rollout_id: str, as_json: bool) -> Any:
+    tty = sys.stdout.isatty() and not as_json
+    shown: list[str] = []
+
+    def progress(view: Any) -> None:
+        nonlocal shown
+        lines = _render_rollout(view)
+        if lines == shown or as_json:
+            return
+        if tty and shown:
+            click.echo(f"\x1b[{len(shown)}F\x1b[J", nl=False)
+        if tty or not shown or view.done:
+            click.echo("\n".join(lines))
+        else:
+            click.echo(lines[0] + "  " + " ".join(f"{k}={v}" for k, v in view.counts.items() if v))
+        shown = lines
+
+    return fleet.wait_rollout(rollout_id, on_progress=progress)
+
+
+def _rollout_outcome(view: Any, as_json: bool) -> None:
+    from sdk.cli import echo_json
+    from sdk.errors import RolloutError
+
+    if as_json:
+        echo_json(view.to_dict())
+    else:
+        for d in view.devices:
+            if d["state"] != "SUCCEEDED" or d["reason"]:
+                click.echo(f"  {d['device']}: {d['state']} {d['reason']}")
+    if view.state == "ABORTED":
+        raise RolloutError(f"rollout {view.id} aborted: {view.reason}")
+
+
+@fleet_group.command("deploy")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "to", multiple=True, metavar="K=V", help="Target devices by tag (repeatable: all must match).")
+@click.option("--devices", "device_ids", default=None, metavar="ID,ID", help="Target these device ids.")
+@click.option("--canary", type=int, default=1, show_default=True, help="Devices in the first stage.")
+@click.option("--batch-percent", type=float, default=50.0, show_default=True, help="Later stages: this % of the rest.")
+@click.option("--max-per-minute", type=int, default=60, show_default=True, help="Devices starting per minute at most.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per device before TIMED_OUT.")
+@click.option("--max-failure-percent", type=float, default=10.0, show_default=True, help="Abort above this failure %.")
+@click.option("--min-executed", type=int, default=1, show_default=True, help="Devices finished before the abort rule applies.")
+@click.option("--max-latency-regression", type=float, default=None,
+              help="A device whose p50 on the new version exceeds R x its p50 on the old one counts as failed.")
+@click.option("--no-wait", is_flag=True, help="Create the rollout and return (a running `fleet serve` carries it out).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.pass_context
+def deploy_command(ctx: click.Context, bundle: str, to: tuple[str, ...], device_ids: Optional[str], no_wait: bool,
+                   as_json: bool, **options: Any) -> None:
+    """Roll BUNDLE out in stages (canary, then batches) with abort thresholds and rollback."""
+    from sdk.cli import echo_json
+
+    fleet = _fleet(ctx)
+    targets = [d for d in device_ids.split(",") if d] if device_ids is not None else None
+    if targets is None:
+        fleet.refresh_registry()  # targets by tag come from the registry: make it current
+    rollout_id = fleet.deploy(bundle, to=list(to) if to else None, devices=targets, **options)
+    if no_wait:
+        if as_json:
+            echo_json({"rollout": rollout_id})
+        else:
+            click.echo(f"rollout {rollout_id} created; follow it with edgesdk fleet rollout {rollout_id} --watch")
+        return
+    if not as_json:
+        click.echo(f"rollout {rollout_id} created")
+    with _driving(ctx) as fleet:
+        view = _watch_rollout(fleet, rollout_id, as_json)
+    _rollout_outcome(view, as_json)
+
+
+@fleet_group.command("rollouts")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def rollouts_command(ctx: click.Context, as_json: bool) -> None:
+    """List rollouts, newest first."""
+    from sdk.cli import echo_json
+
+    views = _fleet(ctx).rollouts()
+    if as_json:
+        echo_json([v.to_dict() for v in views])
+        return
+    for v in views:
+        counts = " ".join(f"{k}={n}" for k, n in v.counts.items() if n)
+        click.echo(f"{v.id}  {v.model}@{v.version:<8} {v.state:<12} {counts}  {v.reason}")
+
+
+@fleet_group.command("rollout")
+@click.argument("rollout_id")
+@click.option("--watch", is_flag=True, help="Follow it until it finishes (drives it when no fleet process runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def rollout_command(ctx: click.Context, rollout_id: str, watch: bool, as_json: bool) -> None:
+    """Show a rollout: state, per-state progress, every device with its reason."""
+    from sdk.cli import echo_json
+
+    fleet = _fleet(ctx)
+    view = fleet.rollout(rollout_id)
+    if watch and not view.done:
+        with _driving(ctx) as fleet:
+            view = _watch_rollout(fleet, rollout_id, as_json)
+        _rollout_outcome(view, as_json)
+        return
+    if as_json:
+        echo_json(view.to_dict())
+        return
+    click.echo("\n".join(_render_rollout(view)))
+    for d in view.devices:
+        p50 = f" p50 {d['p50_ms']:.3f} ms (was {d['previous_p50_ms']:.3f})" if d["p50_ms"] and d["previous_p50_ms"] else ""
+        click.echo(f"  {d['device']:<18} stage {d['stage']}  {d['state']:<12}{p50} {d['reason']}")
+
+
+@fleet_group.command("rollback")
+@click.argument("rollout_id")
+@click.option("--no-wait", is_flag=True, help="Request it and return.")
+@click.pass_context
+def rollback_command(ctx: click.Context, rollout_id: str, no_wait: bool) -> None:
+    """Roll every device that took the rollout's version back to its previous one."""
+    fleet = _fleet(ctx)
+    fleet.rollback(rollout_id)
+    if no_wait:
+        click.echo(f"rollback of {rollout_id} requested")
+        return
+    with _driving(ctx) as fleet:
+        view = _watch_rollout(fleet, rollout_id, False)
+    click.echo(f"rollout {rollout_id}: {view.state}")
+
+
+@fleet_group.command("cancel")
+@click.argument("rollout_id")
+@click.pass_context
+def cancel_command(ctx: click.Context, rollout_id: str) -> None:
+    """Stop a rollout: queued devices are canceled, devices already installing finish."""
+    fleet = _fleet(ctx)
+    fleet.cancel(rollout_id)
+    with _driving(ctx) as fleet:
+        view = fleet.wait_rollout(rollout_id)
+    click.echo(f"rollout {rollout_id}: {view.state}")
+
+
+# --- jobs ----------------------------------------------------------------------------------------------
+def _job_lines(s: Any) -> list[str]:
+    rate = f"{s.samples_per_s:,.0f} samples/s" if s.samples_per_s else "-"
+    eff = f"{s.efficiency:.2f}" if s.efficiency is not None else "-"
+    lines = [f"job {s.id}: {s.model} {s.state} {s.samples_done}/{s.samples} samples, {rate}, retries {s.retries}, "
+             f"efficiency {eff}" + (f" ({s.reason})" if s.reason else "")]
+    for dev, d in s.devices.items():
+        lines.append(f"  {dev:<18} {d['samples']:>7} samples ({100 * d['share']:5.1f} %)  {d['tasks']:>5} tasks  "
+                     f"{d['throughput']:,.0f} samples/s busy")
+    if s.output and s.state == "SUCCEEDED":
+        lines.append(f"results: {s.output}")
+    return lines
+
+
+def _follow_job(fleet: Any, job_id: str, as_json: bool) -> Any:
+    from sdk.cli import echo_json
+
+    total = fleet.job(job_id).tasks
+    bar_cm = click.progressbar(length=total, label="tasks", file=sys.stderr) if not as_json else None
+    done_before = 0
+    if bar_cm is not None:
+        bar = bar_cm.__enter__()
+
+    def progress(s: Any) -> None:
+        nonlocal done_before
+        done = s.counts.get("DONE", 0) + s.counts.get("FAILED", 0)
+        if bar_cm is not None and done > done_before:
+            bar.update(done - done_before)
+            done_before = done
+
+    try:
+        result = fleet.finish_job(job_id, on_progress=progress)
+    finally:
+        if bar_cm is not None:
+            bar_cm.__exit__(None, None, None)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        click.echo("\n".join(_job_lines(result)))
+    return result
+
+
+@fleet_group.command("run")
+@click.argument("model")
+@click.option("--input", "data", required=True, type=click.Path(exists=True),
+              help="Inputs: .npz (x), .npy, or a folder of images.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file (input order).")
+@click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default="npz", show_default=True)
+@click.option("--to", "to", multiple=True, metavar="K=V", help="Only devices with this tag (repeatable).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per task.")
+@click.option("--lease", "lease_s", type=float, default=60.0, show_default=True,
+              help="Seconds a device holds a task before it is dispatched again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def run_command(ctx: click.Context, model: str, data: str, output: str, fmt: str, to: tuple[str, ...], batch_size: int,
+                lease_s: float, as_json: bool) -> None:
+    """Run MODEL over DATA across the devices that have it active; results keep input order."""
+    fleet = _fleet(ctx)
+    job_id = fleet.submit(model, data, to=list(to) or None, batch_size=batch_size, lease_s=lease_s,
+                          output=str(Path(output).resolve()), fmt=fmt)
+    if not as_json:
+        click.echo(f"job {job_id} created (resume it with edgesdk fleet job resume {job_id})", err=True)
+    with _driving(ctx) as fleet:
+        _follow_job(fleet, job_id, as_json)
+
+
+@fleet_group.command("job")
+@click.argument("words", nargs=-1, required=True, metavar="ID | resume ID")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def job_command(ctx: click.Context, words: tuple[str, ...], as_json: bool) -> None:
+    """Show a job's progress (`job ID`) or resume it after a fleet process died (`job resume ID`)."""
+    from sdk.cli import echo_json
+
+    if words[0] == "resume":
+        if len(words) != 2:
+            raise click.UsageError("usage: edgesdk fleet job resume ID")
+        with _driving(ctx) as fleet:
+            _follow_job(fleet, words[1], as_json)
+        return
+    if len(words) != 1:
+        raise click.UsageError("usage: edgesdk fleet job ID  |  edgesdk fleet job resume ID")
+    s = _fleet(ctx).job(words[0])
+    if as_json:
+        echo_json(s.to_dict())
+    else:
+        click.echo("\n".join(_job_lines(s)))
+        click.echo("  tasks: " + " ".join(f"{k}={v}" for k, v in s.counts.items()))
+
+
+@fleet_group.command("jobs")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def jobs_command(ctx: click.Context, as_json: bool) -> None:
+    """List batch jobs, newest first."""
+    from sdk.cli import echo_json
+
+    jobs = _fleet(ctx).jobs_list()
+    if as_json:
+        echo_json([j.to_dict() for j in jobs])
+        return
+    for j in jobs:
+        click.echo(_job_lines(j)[0])
+
+
+# --- simulate ------------------------------------------------------------------------------------
+@fleet_group.command("simulate")
+@click.argument("count", type=int)
+@click.option("--model", "models", multiple=True, metavar="NAME=VERSION", help="A model the devices run (repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="K=V", help="Tags of every simulated device.")
+@click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-0000, PREFIX-0001, ...")
+@click.option("--infer-ms", type=float, default=1.0, show_default=True, help="Simulated inference time per sample.")
+@click.option("--capacity", type=int, default=1, show_default=True, help="Work slots per device.")
+@click.pass_context
+def simulate_command(ctx: click.Context, count: int, models: tuple[str, ...], tags: tuple[str, ...], prefix: str,
+                     infer_ms: float, capacity: int) -> None:
+    """Run COUNT simulated devices (real protocol, fake inference) until SIGTERM/SIGINT."""
+    from sdk.mqtt import MqttSettings
+
+    from .registry import parse_tags
+    from .sim import SimulatedDevices
+
+    o = ctx.obj["fleet_options"]
+    settings = MqttSettings.from_url(o["broker"], username=o["username"], password=o["password"], ca_file=o["ca_file"],
+                                     client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"])
+    model_map = parse_tags(list(models))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sims = SimulatedDevices(count, settings=settings, prefix=prefix, tags=parse_tags(list(tags)), models=model_map,
+                            capacity=capacity, infer_s=infer_ms / 1000.0).start()
+    click.echo(f"{count} simulated devices online ({prefix}-0000 ...); Ctrl-C stops them", err=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sims.stop()

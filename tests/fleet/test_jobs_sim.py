@@ -1,0 +1,85 @@
+"""Batch jobs against a real Mosquitto with simulated devices (real protocol, timed fake
+inference that echoes its inputs, so every result can be checked against its sample)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sdk.errors import JobError
+
+
+def echo(x: np.ndarray, width: int = 4) -> np.ndarray:
+    return x.reshape(len(x), -1)[:, :width]
+
+
+def test_every_sample_gets_exactly_one_result_in_input_order(broker, make_fleet, make_sims, eventually) -> None:
+    sims = make_sims(4, broker.url, models={"noop": "1"}, capacity=2, infer_s=0.0002)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 4)
+    x = np.random.default_rng(0).random((2000, 8, 8, 1), dtype=np.float32)
+    result = fleet.run("noop", x, batch_size=50, timeout=60)
+    assert result.state == "SUCCEEDED" and result.samples_done == 2000 and result.counts["DONE"] == 40
+    np.testing.assert_array_equal(result.outputs[0], echo(x))
+    assert set(result.devices) == set(sims.ids)
+    assert sum(d["samples"] for d in result.devices.values()) == 2000
+    assert abs(sum(d["share"] for d in result.devices.values()) - 1.0) < 1e-9
+    assert result.samples_per_s > 0 and 0 < result.efficiency <= 1.2
+    assert sum(sims.devices[d].tasks_done for d in sims.ids) == 40  # no task ran twice
+
+
+def test_pull_dispatch_gives_a_fast_device_more_work_than_a_slow_one(broker, make_fleet, make_sims, eventually) -> None:
+    fast = make_sims(1, broker.url, prefix="fast", models={"noop": "1"}, infer_s=0.0002)
+    slow = make_sims(1, broker.url, prefix="slow", models={"noop": "1"}, infer_s=0.005)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    x = np.zeros((3000, 4), dtype=np.float32)
+    result = fleet.run("noop", x, batch_size=20, timeout=60)
+    f, s = result.devices[fast.ids[0]], result.devices[slow.ids[0]]
+    assert f["samples"] > 3 * s["samples"], result.devices
+    assert f["throughput"] > 5 * s["throughput"]
+
+
+def test_a_device_that_hangs_loses_its_lease_and_the_task_is_redone(broker, make_fleet, make_sims, eventually) -> None:
+    sims = make_sims(2, broker.url, models={"noop": "1"}, infer_s=0.001)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    sims.devices[sims.ids[0]].alive = False  # hangs: still "online", never answers
+    x = np.arange(400, dtype=np.float32).reshape(100, 4)
+    result = fleet.run("noop", x, batch_size=10, lease_s=1.0, timeout=60)
+    np.testing.assert_array_equal(result.outputs[0], x)
+    assert result.retries >= 1 and set(result.devices) == {sims.ids[1]}
+
+
+def test_a_device_that_dies_has_its_tasks_redispatched_at_once(broker, make_fleet, make_sims, eventually) -> None:
+    sims = make_sims(3, broker.url, models={"noop": "1"}, infer_s=0.002)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 3)
+    x = np.random.default_rng(1).random((3000, 4), dtype=np.float32)
+    job = fleet.submit("noop", x, batch_size=25, lease_s=600)  # only the Last-Will can free its tasks in time
+    assert eventually(lambda: fleet.job(job).counts["DONE"] >= 10)
+    sims.kill(sims.ids[0])
+    result = fleet.finish_job(job, timeout=60)
+    np.testing.assert_array_equal(result.outputs[0], x)
+    assert result.counts == {"PENDING": 0, "LEASED": 0, "DONE": 120, "FAILED": 0}
+
+
+def test_results_as_jsonl_and_npz_files(broker, make_fleet, make_sims, eventually, tmp_path) -> None:
+    make_sims(2, broker.url, models={"noop": "1"})
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    x = np.arange(60, dtype=np.float32).reshape(15, 4)
+    fleet.run("noop", x, batch_size=4, output=tmp_path / "r.jsonl", fmt="jsonl", timeout=30)
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [ln["index"] for ln in lines] == list(range(15))
+    assert [ln["outputs"][0] for ln in lines] == x.tolist()
+    fleet.run("noop", x, batch_size=4, output=tmp_path / "r.npz", timeout=30)
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["y"], x)
+
+
+def test_a_task_too_large_for_the_broker_is_refused_with_the_fix(broker, make_fleet) -> None:
+    fleet = make_fleet(broker.url)
+    with pytest.raises(JobError, match=r"use --batch-size 21 or less"):
+        fleet.submit("noop", np.zeros((1000, 32, 32, 3), dtype=np.float32), batch_size=64)
+    with pytest.raises(JobError, match=r"one sample is 602112 bytes.*raise max_packet_size"):
+        fleet.submit("noop", np.zeros((10, 224, 224, 3), dtype=np.float32), batch_size=1)
