@@ -158,6 +158,10 @@ def request(db: FleetDB, rollout_id: str, action: str) -> None:
         raise RolloutError(f"rollout {rollout_id} is {row['state']}: only a RUNNING rollout can be canceled")
     if action == "rollback" and row["state"] in ("ROLLED_BACK", "ROLLING_BACK", "ABORTING", "ABORTED"):
         raise RolloutError(f"rollout {rollout_id} is {row['state']}: its devices are already rolled back or rolling back")
+    if action == "rollback" and row["state"] in ("SUCCEEDED", "CANCELED"):  # finished: the controller takes it up again
+        db.execute("UPDATE rollouts SET state = 'ROLLING_BACK', reason = 'rollback requested', finished = NULL "
+                   "WHERE id = ?", (rollout_id,))
+        return
     db.execute("UPDATE rollouts SET request = ? WHERE id = ?", (action, rollout_id))
 
 

@@ -1,0 +1,135 @@
+"""The fleet with real agents (LiteRT, real bundles, real installs) on a real Mosquitto, and on
+amqtt (MQTT 3.1.1): rollouts that succeed, abort on failures, abort on a measured latency
+regression; an offline device catching up; batch jobs with exactly one result per sample."""
+
+import signal
+
+import numpy as np
+import pytest
+
+from agent import Agent
+from sdk.runtime import open_engine
+
+
+def local_predictions(bundle_path, x):
+    """What any agent must answer: the bundle's model run here, one sample at a time."""
+    from sdk.bundle import Bundle
+    from sdk.runtime import dequantize, quantize
+
+    b = Bundle.open(bundle_path)
+    engine = open_engine(b.model_bytes(), "cpu")
+    spec_in, spec_out = engine.inputs[0], engine.outputs[0]
+    out = []
+    for s in x:
+        xi = s[None].astype(np.float32)
+        xi = quantize(xi, spec_in) if spec_in.quantized else xi
+        out.append(dequantize(engine.run([xi])[0], spec_out))
+    return np.concatenate(out)
+
+
+def test_rollout_then_a_job_on_real_agents(broker, make_link, make_fleet, eventually, digits_bundle, digits_bundle_v2,
+                                           digits) -> None:
+    for i in range(2):
+        make_link(f"pi-{i}", tags={"site": "berlin"}, preinstall=[digits_bundle.path], pool_size=2)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices({"site": "berlin"}) if d.online]) == 2)
+    d = fleet.devices()[0]
+    assert d.models == {"digits": "1"} and "cpu" in d.delegates and d.runtime["name"] and d.agent_version
+    rid = fleet.deploy(digits_bundle_v2.path, to={"site": "berlin"}, canary=1, max_latency_regression=5)
+    view = fleet.wait_rollout(rid, timeout=120)
+    assert view.state == "SUCCEEDED", view
+    for dev in view.devices:  # the agents measured both versions, interleaved, during the install
+        assert dev["previous_version"] == "1" and dev["p50_ms"] > 0 and dev["previous_p50_ms"] > 0
+    assert eventually(lambda: all(x.models == {"digits": "2"} for x in fleet.devices()))
+
+    result = fleet.run("digits", digits.x_test, batch_size=32, timeout=120)
+    assert result.outputs[0].shape == (len(digits.x_test), 10)
+    np.testing.assert_allclose(result.outputs[0], local_predictions(digits_bundle_v2.path, digits.x_test), atol=1e-5)
+    accuracy = float(np.mean(np.argmax(result.outputs[0], axis=1) == digits.y_test))
+    assert accuracy > 0.9
+    assert set(result.devices) == {"pi-0", "pi-1"}
+    assert eventually(lambda: any(x.heartbeat.get("digits", {}).get("requests", 0) > 0 for x in fleet.devices()))
+
+
+def test_failures_abort_the_rollout_and_the_canary_is_rolled_back(broker, make_link, make_fleet, eventually, digits_bundle,
+                                                                 digits_bundle_v2_other, signing_keys, other_keys) -> None:
+    # the canary trusts the key that signed version 2; the other two do not, and refuse it
+    canary, _ = make_link("a-canary", trusted=[signing_keys.public, other_keys.public], preinstall=[digits_bundle.path])
+    make_link("b-dev", preinstall=[digits_bundle.path])
+    make_link("c-dev", preinstall=[digits_bundle.path])
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 3)
+    rid = fleet.deploy(digits_bundle_v2_other, devices=["a-canary", "b-dev", "c-dev"], canary=1, batch_percent=100,
+                       max_failure_percent=50, min_executed=2)
+    view = fleet.wait_rollout(rid, timeout=120)
+    states = {d["device"]: d for d in view.devices}
+    assert view.state == "ABORTED" and "2 of 3 devices failed" in view.reason
+    assert states["a-canary"]["state"] == "ROLLED_BACK"
+    for dev in ("b-dev", "c-dev"):
+        assert states[dev]["state"] == "FAILED" and "verify failed" in states[dev]["reason"]
+        assert "not among the trusted keys" in states[dev]["reason"]
+    assert canary.store.active("digits") == "1"
+    assert canary.model("digits").version == "1"
+
+
+def test_a_measured_latency_regression_rolls_the_canary_back(broker, make_link, make_fleet, eventually, digits_bundle,
+                                                           digits_bundle_slow) -> None:
+    canary, _ = make_link("canary", preinstall=[digits_bundle.path])
+    make_link("other", preinstall=[digits_bundle.path])
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    # int16x8 runs about 10x slower than int8 on x86: the agent measures both during the install
+    rid = fleet.deploy(digits_bundle_slow.path, devices=["canary", "other"], canary=1, max_latency_regression=2.5)
+    view = fleet.wait_rollout(rid, timeout=120)
+    assert view.state == "ABORTED", view
+    first = view.devices[0]
+    assert first["device"] == "canary" and first["state"] == "ROLLED_BACK"
+    assert "latency regression" in first["reason"] and first["p50_ms"] > 2.5 * first["previous_p50_ms"]
+    assert view.devices[1]["state"] == "CANCELED"
+    assert canary.model("digits").version == "1"
+
+
+def test_an_offline_device_gets_the_rollout_when_it_returns(broker, make_link, make_fleet, eventually, digits_bundle,
+                                                           digits_bundle_v2, tmp_path, signing_keys) -> None:
+    make_link("up-1", preinstall=[digits_bundle.path])
+    away, away_link = make_link("away-1", preinstall=[digits_bundle.path])
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    away_link.stop()
+    away.stop()
+    assert eventually(lambda: not next(d for d in fleet.devices() if d.id == "away-1").online)
+    rid = fleet.deploy(digits_bundle_v2.path, devices=["up-1", "away-1"], canary=1, batch_percent=100)
+    assert eventually(lambda: fleet.rollout(rid).counts["SUCCEEDED"] == 1, timeout=60)
+    view = fleet.rollout(rid)
+    assert view.state == "RUNNING" and view.counts["QUEUED"] == 1  # waits for the offline device
+    back, _ = make_link("away-1")  # the same state dir: it comes back with version 1
+    assert back.model("digits").version == "1"
+    view = fleet.wait_rollout(rid, timeout=120)
+    assert view.state == "SUCCEEDED" and view.counts["SUCCEEDED"] == 2
+    assert eventually(lambda: back.model("digits").version == "2")
+
+
+def test_rollout_and_job_through_an_mqtt_311_broker(amqtt_broker, make_link, make_fleet, eventually, digits_bundle,
+                                                   digits_bundle_v2, digits) -> None:
+    for i in range(2):
+        make_link(f"old-{i}", url=amqtt_broker.url, protocol="auto", preinstall=[digits_bundle.path])
+    fleet = make_fleet(amqtt_broker.url)
+    assert fleet.conn.protocol == "3.1.1"
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    rid = fleet.deploy(digits_bundle_v2.path, devices=["old-0", "old-1"], canary=1)
+    assert fleet.wait_rollout(rid, timeout=120).state == "SUCCEEDED"
+    x = digits.x_test[:200]
+    result = fleet.run("digits", x, batch_size=20, timeout=120)
+    np.testing.assert_allclose(result.outputs[0], local_predictions(digits_bundle_v2.path, x), atol=1e-5)
+
+
+def test_the_fleet_authenticates_to_a_broker_with_passwords(make_broker, make_link, make_fleet, eventually,
+                                                           digits_bundle) -> None:
+    from sdk.errors import BrokerError
+
+    b = make_broker(users={"fleet": "f-secret", "dev-1": "d-secret"})
+    make_link("dev-1", url=b.url, username="dev-1", password="d-secret", preinstall=[digits_bundle.path])
+    fleet = make_fleet(b.url, username="fleet", password="f-secret")
+    assert eventually(lambda: [d.id for d in fleet.devices() if d.online] == ["dev-1"])
+    with pytest.raises(BrokerError, match="cannot connect"):
+        make_fleet(b.url, state=fleet.state_dir.parent / "other", username="fleet", password="wrong")
