@@ -18,7 +18,7 @@ HEAVY = ("tensorflow", "keras", "tf_keras", "tensorflow_model_optimization", "ma
     [
         "sdk",
         "agent",
-        "fleet",
+        "fleet, fleet.cli, fleet.sim",
         "sdk, sdk.runtime, sdk.bundle, sdk.golden, sdk.modelinfo, sdk.signing, sdk.latency",
         "sdk.cli",  # the CLI root (with the convert command attached) stays light too
         "converter",  # the converter package imports TensorFlow only when a conversion runs
@@ -40,3 +40,11 @@ def test_runtime_loader_prefers_litert_without_tensorflow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[-2:] == ["ai_edge_litert", "False"]
+
+
+def test_fleet_needs_no_tflite_runtime() -> None:
+    """The fleet runs on a server: it imports neither TensorFlow nor LiteRT."""
+    code = ("import sys, json; import fleet, fleet.cli, fleet.service; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('ai_edge_litert', 'tflite_runtime'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []

@@ -64,3 +64,31 @@ def test_chunks_are_binary_framed() -> None:
         p.Chunk.from_payload(b"ESDK")
     with pytest.raises(ProtocolError, match="out of range"):
         p.Chunk.from_payload(p.Chunk("a" * 64, 5, 5, "b" * 64, b"").to_payload())
+
+
+def test_task_frames_carry_raw_tensors_and_reject_bad_lengths() -> None:
+    import numpy as np
+
+    x = np.arange(24, dtype=np.float32).reshape(3, 8)
+    ids = np.array([[1], [2], [3]], dtype=np.int64)
+    task = p.Task("job1-0", "job1", "digits", 30.0, [x, ids], attempt=2)
+    back = p.Task.from_payload(task.to_payload())
+    assert (back.id, back.job, back.model, back.lease_s, back.attempt, back.count) == ("job1-0", "job1", "digits", 30.0, 2, 3)
+    np.testing.assert_array_equal(back.inputs[0], x)
+    np.testing.assert_array_equal(back.inputs[1], ids)
+    with pytest.raises(ProtocolError, match="bad task frame"):
+        p.Task.from_payload(task.to_payload()[:-4])
+    with pytest.raises(ProtocolError, match="expected a task frame"):
+        p.Task.from_payload(p.split_bundle(b"abc")[0].to_payload())
+
+
+def test_work_requests_fleet_status_and_task_results_validate() -> None:
+    wr = p.decode(p.WorkRequest(device="d", models={"m": "1"}, capacity=2, free=1, running=["t"]).to_payload())
+    assert (wr.capacity, wr.free, wr.running) == (2, 1, ["t"])
+    with pytest.raises(ProtocolError, match="non-negative"):
+        p.WorkRequest(device="d", capacity=-1).to_payload()
+    fs = p.decode(p.FleetStatus(online=True, session="s1").to_payload())
+    assert fs.session == "s1" and p.fleet_topic() == "edgesdk/v1/fleet/status"
+    with pytest.raises(ProtocolError, match="needs device, job and task"):
+        p.TaskResult(device="d").to_payload()
+    assert p.topic("d", "task") == "edgesdk/v1/devices/d/task"
