@@ -1,0 +1,266 @@
+"""Fleet throughput against its baselines, measured in one run on a Mosquitto started here.
+
+1. The broker's raw QoS-1 rate: one paho publisher → one paho subscriber, 1 KiB payloads
+   (every message acknowledged), no edgesdk code: the baseline for messages per second.
+2. The fleet's samples/s for a no-op model: ``--sims`` simulated devices (real protocol,
+   zero inference time, echo outputs) and batched tasks; batching lets samples/s pass the raw
+   message rate because one task carries ``--batch-size`` samples.
+3. Real agents (``edgesdk agent run`` processes, LiteRT, the digits CNN in int8): the same job
+   on agent A alone, on agent B alone, then on both; E = T(A+B) / (T(A) + T(B)). All of it shares
+   this machine's cores with the broker and the fleet, which is what E then shows.
+4. A 5 MiB bundle pushed to 50 simulated devices by a rollout (chunk requests, 128 KiB chunks,
+   install reports) against the raw broker transfer of the same bytes: a paho publisher sending
+   the 40 chunks to each of 50 topics, one subscriber receiving all 2,000.
+
+    python bench/fleet_bench.py [--sims 4] [--samples 100000] [--batch-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_broker(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    conf = root / "mosquitto.conf"
+    import getpass
+
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nset_tcp_nodelay true\nallow_anonymous true\n"
+                    "persistence false\nmax_queued_messages 1000000\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+def raw_rate(url: str, messages: int, payload: int = 1024) -> float:
+    """QoS-1 messages/s, one paho publisher → one paho subscriber (the broker's own round trip)."""
+    import paho.mqtt.client as mqtt
+
+    port = int(url.rsplit(":", 1)[1])
+    got = threading.Event()
+    count = [0]
+
+    def on_message(c, u, m):
+        count[0] += 1
+        if count[0] == messages:
+            got.set()
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("bench/raw", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(100)
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    time.sleep(0.5)
+    body = b"x" * payload
+    t0 = time.perf_counter()
+    for _ in range(messages):
+        pub.publish("bench/raw", body, qos=1)
+    got.wait(120)
+    dt = time.perf_counter() - t0
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return count[0] / dt
+
+
+def raw_transfer(url: str, bundle: bytes, devices: int) -> float:
+    """Seconds to move ``bundle`` in 128 KiB chunks to ``devices`` topics through the broker."""
+    import paho.mqtt.client as mqtt
+
+    from sdk import protocol as proto
+
+    port = int(url.rsplit(":", 1)[1])
+    chunks = [c.to_payload() for c in proto.split_bundle(bundle)]
+    want = len(chunks) * devices
+    done = threading.Event()
+    count = [0]
+
+    def on_message(c, u, m):
+        count[0] += 1
+        if count[0] == want:
+            done.set()
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("bench/xfer/#", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    for d in range(devices):
+        for c in chunks:
+            pub.publish(f"bench/xfer/{d}", c, qos=1)
+    done.wait(300)
+    dt = time.perf_counter() - t0
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return dt
+
+
+def big_bundle(tmp: Path, key: Path, mib: float = 5.45) -> Path:
+    """A real, signed bundle of about ``mib`` MiB: a dense model with random float32 weights."""
+    import keras
+
+    from converter import convert
+
+    units = int(mib * 1024 * 1024 / 4 / 1024)
+    model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(units), keras.layers.Dense(10)])
+    path = tmp / "big.keras"
+    model.save(path)
+    return convert(path, target="cpu", quantize="none", key=key, output=tmp / "big.edgebundle", runs=3).bundle_path
+
+
+def job_rate(fleet, model: str, x: np.ndarray, batch: int, to=None) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fleet.run(model, x, batch_size=batch, to=to, timeout=600)
+    return len(x) / (time.perf_counter() - t0), result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="edgesdk fleet benchmark")
+    ap.add_argument("--sims", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--raw-messages", type=int, default=20_000)
+    ap.add_argument("--agent-samples", type=int, default=18_000)
+    args = ap.parse_args()
+    if shutil.which("mosquitto") is None:
+        print("mosquitto is not installed: apt-get install -y mosquitto", file=sys.stderr)
+        return 2
+
+    from agent import Agent
+    from agent.config import load_config
+    from converter import convert
+    from converter.digits import load_digits_split, train_digits_cnn
+    from fleet import Fleet, SimulatedDevices
+    from sdk.signing import generate_keys
+
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        broker, url = start_broker(tmp)
+        procs: list[subprocess.Popen] = []
+        try:
+            # 1. the baseline
+            raw = raw_rate(url, args.raw_messages)
+            rows.append(("broker raw QoS-1 rate, paho → paho, 1 KiB", f"{raw:,.0f} msg/s", "baseline"))
+
+            # 2. the fleet, no-op model
+            sims = SimulatedDevices(args.sims, url, models={"noop": "1"}, capacity=2, infer_s=0.0).start()
+            x = np.random.default_rng(0).random((args.samples, 8, 8, 1), dtype=np.float32)
+            with Fleet(tmp / "fleet-noop", url) as fleet:
+                time.sleep(1.0)
+                rate, res = job_rate(fleet, "noop", x, args.batch_size)
+            sims.stop()
+            rows.append((f"fleet, no-op model, {args.sims} simulated devices, batch {args.batch_size}",
+                         f"{rate:,.0f} samples/s", f"{rate / raw:.1f}x the raw message rate; "
+                         f"{res.tasks / res.elapsed_s:,.0f} tasks/s, retries {res.retries}"))
+
+            # 3. real agents, 1 vs 2
+            private, public = generate_keys(tmp / "keys")
+            digits = load_digits_split()
+            model, _ = train_digits_cnn(digits)
+            model.save(tmp / "digits.keras")
+            np.savez(tmp / "calib.npz", x=digits.x_train[:300])
+            bundle = convert(tmp / "digits.keras", target="cpu", quantize="int8", calibration=tmp / "calib.npz",
+                             key=private, output=tmp / "digits.edgebundle", runs=5).bundle_path
+            for name in ("agent-a", "agent-b"):
+                cfg = load_config(None, env={}, device_id=name, broker_url=url, state_dir=tmp / name,
+                                  trusted_keys=[str(public)], threads=1, pool_size=1, tags={"name": name})
+                (tmp / f"{name}.toml").write_text(cfg.to_toml())
+                setup = Agent(cfg)
+                setup.install(bundle)
+                setup.stop()
+                procs.append(subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--config",
+                                               str(tmp / f"{name}.toml")], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            reps = max(1, args.agent_samples // len(digits.x_test))
+            xa = np.concatenate([digits.x_test] * reps)
+            with Fleet(tmp / "fleet-agents", url) as fleet:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and len([d for d in fleet.devices() if d.online and d.models]) < 2:
+                    time.sleep(0.2)
+                fleet.run("digits", xa[:2000], batch_size=100)  # warm-up
+                ta, _ = job_rate(fleet, "digits", xa, 100, to={"name": "agent-a"})
+                tb, _ = job_rate(fleet, "digits", xa, 100, to={"name": "agent-b"})
+                tab, res = job_rate(fleet, "digits", xa, 100)
+            e = tab / (ta + tb)
+            rows.append((f"real agent A alone, digits int8, {len(xa):,} samples, batch 100", f"{ta:,.0f} samples/s", ""))
+            rows.append(("real agent B alone", f"{tb:,.0f} samples/s", ""))
+            shares = ", ".join(f"{d} {100 * v['share']:.0f} %" for d, v in res.devices.items())
+            rows.append(("real agents A + B", f"{tab:,.0f} samples/s",
+                         f"E = {e:.2f} (T(A+B) / (T(A) + T(B))); shares {shares}; summary's estimate "
+                         f"{res.efficiency:.2f}"))
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+            procs.clear()
+
+            # 4. a 5 MiB bundle to 50 simulated devices
+            big = big_bundle(tmp, private)
+            size = big.stat().st_size
+            raw_s = raw_transfer(url, big.read_bytes(), 50)
+            sims = SimulatedDevices(50, url, models={"big": "0"}).start()
+            with Fleet(tmp / "fleet-push", url) as fleet:
+                time.sleep(1.0)
+                t0 = time.perf_counter()
+                rid = fleet.deploy(big, devices=sims.ids, canary=50, max_per_minute=1000)
+                view = fleet.wait_rollout(rid, timeout=600)
+                push_s = time.perf_counter() - t0
+            sims.stop()
+            rows.append((f"raw broker transfer, {size / 2**20:.1f} MiB x 50 topics in 128 KiB chunks",
+                         f"{raw_s:.2f} s", f"{50 * size / 2**20 / raw_s:,.0f} MiB/s"))
+            rows.append((f"rollout of the {size / 2**20:.1f} MiB bundle to 50 simulated devices", f"{push_s:.2f} s",
+                         f"{push_s / raw_s:.1f}x the raw transfer; {view.counts['SUCCEEDED']}/50 SUCCEEDED "
+                         f"(chunk requests, install reports, acks, one stage)"))
+        finally:
+            for p in procs:
+                p.kill()
+            broker.terminate()
+            broker.wait(10)
+
+    print(f"# edgesdk fleet_bench — Mosquitto on loopback, {os.cpu_count()} cores\n")
+    print("| measurement | result | compared with the baseline |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
