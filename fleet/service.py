@@ -439,6 +439,15 @@ class Fleet:
         finally:
             db.close()
 
+    def task_log(self, job_id: str) -> list[dict[str, Any]]:
+        """Every finished task of a job: device, samples, elapsed_s (on the device), done_at (here)."""
+        db = self._reader()
+        try:
+            return [dict(r) for r in db.all("SELECT idx, device, stop - start AS samples, elapsed_s, done_at FROM tasks "
+                                            "WHERE job = ? AND state = 'DONE' ORDER BY done_at", (job_id,))]
+        finally:
+            db.close()
+
     def wait_job(self, job_id: str, *, timeout: Optional[float] = None,
                  on_progress: Optional[Callable[[JobSummary], None]] = None, poll: float = 0.2) -> JobSummary:
         return self._wait(lambda: self.job(job_id), timeout, on_progress, poll, f"job {job_id}")

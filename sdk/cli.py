@@ -204,11 +204,12 @@ def runtime_check(model: str, delegate: str, threads: Optional[int], gpu_delegat
 def _attach_optional_commands() -> None:
     from agent.cli import agent_group
     from converter.cli import convert_command
-    from fleet.cli import fleet_group
+    from fleet.cli import demo_command, fleet_group
 
     cli.add_command(convert_command, "convert")
     cli.add_command(agent_group, "agent")
     cli.add_command(fleet_group, "fleet")
+    cli.add_command(demo_command, "demo")
 
 
 _attach_optional_commands()
