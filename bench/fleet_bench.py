@@ -57,23 +57,24 @@ def start_broker(root: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mosquitto did not start")
 
 
-def raw_rate(url: str, messages: int, payload: int = 1024) -> float:
-    """QoS-1 messages/s, one paho publisher → one paho subscriber (the broker's own round trip)."""
+def _paho_pair(url: str, topic_filter: str, expected: int):
+    """A paho subscriber on ``topic_filter`` that sets an event after ``expected`` messages, and a
+    paho publisher; both connected (MQTT 5, no edgesdk code)."""
     import paho.mqtt.client as mqtt
 
     port = int(url.rsplit(":", 1)[1])
-    got = threading.Event()
+    done = threading.Event()
     count = [0]
 
     def on_message(c, u, m):
         count[0] += 1
-        if count[0] == messages:
-            got.set()
+        if count[0] == expected:
+            done.set()
 
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = on_message
     sub.connect("127.0.0.1", port)
-    sub.subscribe("bench/raw", qos=1)
+    sub.subscribe(topic_filter, qos=1)
     sub.loop_start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.max_inflight_messages_set(100)
@@ -81,54 +82,41 @@ def raw_rate(url: str, messages: int, payload: int = 1024) -> float:
     pub.connect("127.0.0.1", port)
     pub.loop_start()
     time.sleep(0.5)
+    return pub, sub, done, count
+
+
+def _close(*clients) -> None:
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+def raw_rate(url: str, messages: int, payload: int = 1024) -> float:
+    """QoS-1 messages/s, one paho publisher → one paho subscriber (the broker's own round trip)."""
+    pub, sub, done, count = _paho_pair(url, "bench/raw", messages)
     body = b"x" * payload
     t0 = time.perf_counter()
     for _ in range(messages):
         pub.publish("bench/raw", body, qos=1)
-    got.wait(120)
+    done.wait(120)
     dt = time.perf_counter() - t0
-    for c in (pub, sub):
-        c.disconnect()
-        c.loop_stop()
+    _close(pub, sub)
     return count[0] / dt
 
 
 def raw_transfer(url: str, bundle: bytes, devices: int) -> float:
     """Seconds to move ``bundle`` in 128 KiB chunks to ``devices`` topics through the broker."""
-    import paho.mqtt.client as mqtt
-
     from sdk import protocol as proto
 
-    port = int(url.rsplit(":", 1)[1])
     chunks = [c.to_payload() for c in proto.split_bundle(bundle)]
-    want = len(chunks) * devices
-    done = threading.Event()
-    count = [0]
-
-    def on_message(c, u, m):
-        count[0] += 1
-        if count[0] == want:
-            done.set()
-
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", port)
-    sub.subscribe("bench/xfer/#", qos=1)
-    sub.loop_start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.max_queued_messages_set(0)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    time.sleep(0.5)
+    pub, sub, done, _ = _paho_pair(url, "bench/xfer/#", len(chunks) * devices)
     t0 = time.perf_counter()
     for d in range(devices):
         for c in chunks:
             pub.publish(f"bench/xfer/{d}", c, qos=1)
     done.wait(300)
     dt = time.perf_counter() - t0
-    for c in (pub, sub):
-        c.disconnect()
-        c.loop_stop()
+    _close(pub, sub)
     return dt
 
 
