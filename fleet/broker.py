@@ -54,6 +54,11 @@ class EmbeddedBroker:
         self._broker = None
 
     @property
+    def pid(self) -> Optional[int]:
+        """The mosquitto process id (None for the in-process amqtt broker)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 

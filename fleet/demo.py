@@ -141,7 +141,8 @@ def run_demo(*, devices: int = 3, broker: Optional[str] = None, keep: bool = Fal
             fleet.stop()
             fleet = None
             echo(f"      EDGESDK_FLEET_BROKER={url} EDGESDK_FLEET_STATE={work / 'fleet'} edgesdk fleet devices")
-            echo(f"      agents: pids {' '.join(str(p.pid) for p in agents)}; stop them with kill -TERM")
+            broker_pid = f", broker pid {embedded.pid}" if embedded is not None and embedded.pid else ""
+            echo(f"      agents: pids {' '.join(str(p.pid) for p in agents)}{broker_pid}; stop them with kill -TERM")
             if embedded is not None and embedded.kind == "amqtt":
                 echo("      the embedded amqtt broker lives in this process: Ctrl-C stops everything")
                 _wait_for_interrupt()
