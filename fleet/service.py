@@ -203,7 +203,16 @@ class Fleet:
             try:
                 self.db.begin()
                 for topic, payload in batch:
-                    self._process(topic, payload, acks)
+                    self.db.execute("SAVEPOINT message")
+                    queued = len(self._outgoing)
+                    try:
+                        self._process(topic, payload, acks)
+                    except Exception:  # one bad message must not undo the batch (not acked: the agent keeps it)
+                        log.exception("could not process a message on %s", topic)
+                        self.stats["failed_messages"] += 1
+                        self.db.execute("ROLLBACK TO message")
+                        del self._outgoing[queued:]
+                    self.db.execute("RELEASE message")
                 if self._unsent_tasks:
                     self.db.executemany("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL "
                                         "WHERE id = ? AND state = 'LEASED'", [(t,) for t in self._unsent_tasks])

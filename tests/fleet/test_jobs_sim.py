@@ -83,3 +83,25 @@ def test_a_task_too_large_for_the_broker_is_refused_with_the_fix(broker, make_fl
         fleet.submit("noop", np.zeros((1000, 32, 32, 3), dtype=np.float32), batch_size=64)
     with pytest.raises(JobError, match=r"one sample is 602112 bytes.*raise max_packet_size"):
         fleet.submit("noop", np.zeros((10, 224, 224, 3), dtype=np.float32), batch_size=1)
+
+
+def test_a_message_that_breaks_processing_is_skipped_and_the_rest_goes_on(broker, make_fleet, make_sims, eventually) -> None:
+    import paho.mqtt.client as mqtt
+
+    from sdk import protocol as proto
+
+    fleet = make_fleet(broker.url)
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    job = fleet.submit("noop", x, batch_size=5)
+    bad = proto.TaskResult(device="rogue", job=job, task=f"{job}-0", outputs=["not a tensor"], samples=5)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.publish(proto.topic("rogue", "up"), bad.to_payload(), qos=1).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    assert eventually(lambda: fleet.stats["failed_messages"] == 1)  # logged, skipped, not acknowledged
+    make_sims(1, broker.url, models={"noop": "1"})
+    result = fleet.finish_job(job, timeout=30)
+    np.testing.assert_array_equal(result.outputs[0], x)
+    assert list(result.devices) == ["sim-0000"]
