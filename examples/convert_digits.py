@@ -1,4 +1,4 @@
-"""The main job until the fleet exists: train a small CNN on real data, convert it, sign it.
+"""A converter-only walk-through (the main job is `edgesdk demo`): train, convert, sign, verify.
 
 Trains a CNN on scikit-learn's bundled digits (no download), then runs what an ML engineer runs:
 ``edgesdk keys generate`` and ``edgesdk convert --target cpu --quantize auto --max-accuracy-drop 1``
