@@ -249,9 +249,12 @@ class Fleet:
             return
         now = self.clock()
         self.stats[msg.TYPE] += 1
+        if getattr(msg, "device", device) != device:
+            # the topic is what the broker's ACL vouches for; a message speaking for another device is dropped
+            log.warning("ignored a %s on %s that claims to come from %r", msg.TYPE, topic, getattr(msg, "device", ""))
+            self.stats["spoofed"] += 1
+            return
         if isinstance(msg, proto.Status):
-            if msg.device != device:
-                return
             if self.registry.on_status(msg, now):
                 self.rollouts.on_device_online(device)
             if not msg.online:

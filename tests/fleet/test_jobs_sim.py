@@ -105,3 +105,24 @@ def test_a_message_that_breaks_processing_is_skipped_and_the_rest_goes_on(broker
     result = fleet.finish_job(job, timeout=30)
     np.testing.assert_array_equal(result.outputs[0], x)
     assert list(result.devices) == ["sim-0000"]
+
+
+def test_a_result_speaking_for_another_device_is_dropped(broker, make_fleet, make_sims, eventually) -> None:
+    import paho.mqtt.client as mqtt
+
+    from sdk import protocol as proto
+
+    fleet = make_fleet(broker.url)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    job = fleet.submit("noop", x, batch_size=2)
+    forged = proto.TaskResult(device="sim-0000", job=job, task=f"{job}-0",
+                              outputs=[proto.Result.encode_tensor(np.zeros((2, 4), np.float32))], samples=2)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.publish(proto.topic("intruder", "up"), forged.to_payload(), qos=1).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    assert eventually(lambda: fleet.stats["spoofed"] == 1)
+    make_sims(1, broker.url, models={"noop": "1"})
+    np.testing.assert_array_equal(fleet.finish_job(job, timeout=30).outputs[0], x)  # the forged zeros were not taken
