@@ -114,7 +114,7 @@ def devices_command(ctx: click.Context, tags: tuple[str, ...], as_json: bool) ->
         rt = f"{d.runtime.get('name', '?')} {d.runtime.get('version', '')}".strip()
         models = ",".join(f"{k}@{v}" for k, v in sorted(d.models.items())) or "-"
         hb = next(iter(d.heartbeat.values()), {}) if d.heartbeat else {}
-        p50 = f"{hb['p50_ms']:.3f}" if hb.get("p50_ms") is not None else "-"
+        p50 = f"{hb['p50_ms']:.3f}" if hb.get("count") else "-"  # no request since the model was loaded
         click.echo(f"{d.id:<18} {state:<14} {d.agent_version:<10} {rt:<22} {','.join(d.delegates):<12} {models:<20} "
                    f"{p50:>7} {hb.get('requests', '-')!s:>6} {hb.get('errors', '-')!s:>4}  "
                    f"{','.join(f'{k}={v}' for k, v in sorted(d.tags.items()))}")

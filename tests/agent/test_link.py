@@ -239,3 +239,30 @@ def test_mutual_tls_with_a_client_certificate(make_link, make_broker, tls_materi
     assert link.conn.wait_connected(20)
     _, anonymous = make_link("dev-anon", url=url, ca_file=str(tls["ca"]))  # no client certificate
     assert not anonymous.conn.wait_connected(3)
+
+
+def test_batch_tasks_run_and_a_full_outbox_announces_no_free_slots(make_link, broker, make_collector, eventually,
+                                                                   digits_bundle, digits) -> None:
+    collector = make_collector(broker.port, ack=False)  # results stay in the outbox
+    agent, link = make_link("dev-w", outbox_max=2, preinstall=[digits_bundle.path])
+    assert eventually(lambda: any(w.device == "dev-w" and w.free == 1 and w.models == {"digits": "1"}
+                                  for w in collector.work_requests))
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    x = digits.x_test[:6].astype(np.float32)
+    for i in range(2):
+        task = proto.Task(f"job-{i}", "job", "digits", 30.0, [x[3 * i : 3 * i + 3]])
+        pub.publish(proto.topic("dev-w", "task"), task.to_payload(), qos=1)
+    assert eventually(lambda: len(collector.of_type(proto.TaskResult)) == 2)
+    results = {r.task: r for r in collector.of_type(proto.TaskResult)}
+    expected = agent.predict("digits", [x[:1]])[0]
+    got = proto.Result.decode_tensor(results["job-0"].outputs[0])
+    assert got.shape == (3, 10) and np.array_equal(got[:1], expected) and results["job-0"].error == ""
+    assert link.outbox.full  # two unacknowledged results fill it
+    assert eventually(lambda: collector.work_requests[-1].free == 0)  # so the agent says it takes no work
+    extra = proto.Task("job-9", "job", "digits", 30.0, [x[:1]])
+    pub.publish(proto.topic("dev-w", "task"), extra.to_payload(), qos=1)
+    assert not eventually(lambda: len(collector.of_type(proto.TaskResult)) > 2, timeout=2)  # declined, not lost: the lease re-dispatches it
+    pub.disconnect()
+    pub.loop_stop()
