@@ -1,6 +1,7 @@
 """``edgesdk demo`` end to end, as a newcomer runs it: real training, conversion, agent
 processes, rollouts and a distributed job on an embedded broker; nothing left running."""
 
+import json
 import re
 import socket
 
@@ -45,3 +46,29 @@ def test_the_demo_fails_clearly_without_a_broker(edgesdk_cli, tmp_path) -> None:
     assert r.returncode == 17
     assert re.match(r"error: cannot reach the broker at 127\.0\.0\.1:\d+ \(Connection refused\): start it, or leave out "
                     r"--broker to use an embedded one$", r.stderr.strip().splitlines()[-1])
+
+
+def test_the_demo_can_leave_its_fleet_running(edgesdk_cli, tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    r = edgesdk_cli("demo", "--devices", "1", "--keep", "--work-dir", tmp_path / "work", "--epochs", "3")
+    pids = []
+    try:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        env_line = re.search(r"EDGESDK_FLEET_BROKER=(\S+) EDGESDK_FLEET_STATE=(\S+) edgesdk fleet devices", r.stdout)
+        m = re.search(r"agents: pids ([\d ]+), broker pid (\d+)", r.stdout)
+        pids = [int(p) for p in m.group(1).split()] + [int(m.group(2))]
+        listed = edgesdk_cli("fleet", "devices", "--json",
+                             env={"EDGESDK_FLEET_BROKER": env_line.group(1), "EDGESDK_FLEET_STATE": env_line.group(2)})
+        assert listed.returncode == 0, listed.stderr
+        devices = json.loads(listed.stdout)
+        assert [(d["id"], d["online"], d["models"]) for d in devices] == [("demo-1", True, {"digits": "2"})]
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
