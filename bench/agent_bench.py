@@ -8,8 +8,9 @@ blocks so drift is shared:
 * bare: ``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of our own (the baseline);
 * ``Agent.predict(raw=True)``: the in-process path (pool checkout, input checks, stats);
 * ``Agent.predict``: the same with float in/out (quantize/dequantize for the int8 model);
-* ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, copy, thread hop), to an
-  agent running as its own process (``edgesdk agent run --no-mqtt``), as applications use it.
+* ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, thread hop; inputs of
+  64 KB or more through the shared-memory region), to an agent running as its own process
+  (``edgesdk agent run --no-mqtt``), as applications use it.
 
     python bench/agent_bench.py [--runs 200] [--threads 2]
 """
