@@ -50,14 +50,13 @@ class AgentClient:
     def _call(self, op: int, name: str = "", arrays: Sequence[np.ndarray] = (), flags: int = 0) -> Any:
         with self._lock:
             arrays = [np.asarray(a) for a in arrays]
-            total = sum(a.nbytes for a in arrays)
-            if self.shm_threshold is not None and op == Op.PREDICT and total >= self.shm_threshold:
-                self._send_via_shm(name, arrays, flags, total)
+            if self.shm_threshold is not None and op == Op.PREDICT and sum(a.nbytes for a in arrays) >= self.shm_threshold:
+                self._send_via_shm(name, arrays, flags)
             else:
                 write_request(self._sock, op, name, arrays, flags)
             return self._response(op)
 
-    def _send_via_shm(self, name: str, arrays: list[np.ndarray], flags: int, total: int) -> None:
+    def _send_via_shm(self, name: str, arrays: list[np.ndarray], flags: int) -> None:
         offsets, end = [], 0
         for a in arrays:  # 64-byte aligned slots
             offsets.append(end)

@@ -119,6 +119,11 @@ class Agent:
             self.result_sink(name, outputs, publish_key)
         return outputs
 
+    def active_versions(self) -> dict[str, str]:
+        """``{name: version}`` of the models being served (cheap: no statistics are computed)."""
+        with self._lock:
+            return {name: m.version for name, m in self._models.items()}
+
     def models(self) -> list[dict[str, Any]]:
         with self._lock:
             loaded = dict(self._models)
@@ -208,7 +213,7 @@ class Agent:
             "device": self.config.device_id,
             "agent_version": sdk.__version__,
             "runtime": self.runtime.describe(),
-            "models": {m["name"]: m["active"] for m in self.models() if m["active"]},
+            "models": self.active_versions(),
             "tags": dict(self.config.tags),
             "free_disk_bytes": shutil.disk_usage(self.store.root).free,
         }

@@ -130,7 +130,7 @@ class AgentLink:
 
     # --- batch work ----------------------------------------------------------------------------
     def _work_request(self) -> proto.WorkRequest:
-        models = {m["name"]: m["active"] for m in self.agent.models() if m["active"]}
+        models = self.agent.active_versions()  # after every task: no latency quantiles computed here
         with self._tlock:
             running = sorted(self._running)
         free = self.capacity - len(running) if models and not self.outbox.full and not self._stop.is_set() else 0

@@ -120,16 +120,20 @@ def _head(ndim: int) -> struct.Struct:
     return head
 
 
+def _tensor_head(a: np.ndarray, flag: int) -> bytes:
+    code = _DTYPE_CODE.get(a.dtype)
+    if code is None:
+        raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
+    return _head(a.ndim).pack(code | flag, a.ndim, *a.shape, a.nbytes)
+
+
 def pack_tensors(arrays: Sequence[np.ndarray]) -> list[Any]:
     """Header + the array's own buffer per tensor (no copy until the socket send)."""
     parts: list[Any] = []
     for a in arrays:
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
-        code = _DTYPE_CODE.get(a.dtype)
-        if code is None:
-            raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
-        parts.append(_head(a.ndim).pack(code, a.ndim, *a.shape, a.nbytes))
+        parts.append(_tensor_head(a, 0))
         parts.append(memoryview(a).cast("B") if a.nbytes else b"")
     return parts
 
@@ -162,13 +166,7 @@ def read_tensors(sock: "BufferedReader", count: int, shm: Optional[Any] = None) 
 
 def shm_heads(arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[bytes]:
     """Tensor headers that point into shared memory (the data is already there)."""
-    heads = []
-    for a, off in zip(arrays, offsets):
-        code = _DTYPE_CODE.get(a.dtype)
-        if code is None:
-            raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
-        heads.append(struct.pack(f"<BB{a.ndim}III", code | SHM_FLAG, a.ndim, *a.shape, a.nbytes, off))
-    return heads
+    return [_tensor_head(a, SHM_FLAG) + _U32.pack(off) for a, off in zip(arrays, offsets)]
 
 
 def send_parts(sock: socket.socket, parts: list[Any]) -> None:

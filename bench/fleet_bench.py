@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,29 +31,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    conf = root / "mosquitto.conf"
-    import getpass
-
-    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nset_tcp_nodelay true\nallow_anonymous true\n"
-                    "persistence false\nmax_queued_messages 1000000\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
 
 
 def _paho_pair(url: str, topic_filter: str, expected: int):
@@ -156,12 +132,14 @@ def main() -> int:
     from converter import convert
     from converter.digits import load_digits_split, train_digits_cnn
     from fleet import Fleet, SimulatedDevices
+    from fleet.broker import EmbeddedBroker
     from sdk.signing import generate_keys
 
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        broker, url = start_broker(tmp)
+        broker = EmbeddedBroker("mosquitto").start()
+        url = broker.url
         procs: list[subprocess.Popen] = []
         try:
             # 1. the baseline
@@ -239,8 +217,7 @@ def main() -> int:
         finally:
             for p in procs:
                 p.kill()
-            broker.terminate()
-            broker.wait(10)
+            broker.stop()
 
     print(f"# edgesdk fleet_bench — Mosquitto on loopback, {os.cpu_count()} cores\n")
     print("| measurement | result | compared with the baseline |")

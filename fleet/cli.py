@@ -289,23 +289,13 @@ def _follow_job(fleet: Any, job_id: str, as_json: bool) -> Any:
     from sdk.cli import echo_json
 
     total = fleet.job(job_id).tasks
-    bar_cm = click.progressbar(length=total, label="tasks", file=sys.stderr) if not as_json else None
-    done_before = 0
-    if bar_cm is not None:
-        bar = bar_cm.__enter__()
+    with click.progressbar(length=total, label="tasks", file=sys.stderr, hidden=as_json) as bar:
+        def progress(s: Any) -> None:
+            done = s.counts.get("DONE", 0) + s.counts.get("FAILED", 0)
+            if done > bar.pos:
+                bar.update(done - bar.pos)
 
-    def progress(s: Any) -> None:
-        nonlocal done_before
-        done = s.counts.get("DONE", 0) + s.counts.get("FAILED", 0)
-        if bar_cm is not None and done > done_before:
-            bar.update(done - done_before)
-            done_before = done
-
-    try:
         result = fleet.finish_job(job_id, on_progress=progress)
-    finally:
-        if bar_cm is not None:
-            bar_cm.__exit__(None, None, None)
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -85,8 +85,8 @@ class Registry:
                                           "outbox_pending": hb.outbox_pending}), now),
         )
 
-    def online(self, device: str) -> bool:
-        return bool(self.db.scalar("SELECT online FROM devices WHERE id = ?", (device,)))
+    def online_ids(self) -> set[str]:
+        return {r["id"] for r in self.db.all("SELECT id FROM devices WHERE online = 1")}
 
     def get(self, device: str) -> Optional[DeviceInfo]:
         row = self.db.one("SELECT * FROM devices WHERE id = ?", (device,))

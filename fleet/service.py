@@ -22,11 +22,11 @@ running rollout and job).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 import uuid
@@ -38,7 +38,7 @@ import numpy as np
 
 from sdk import protocol as proto
 from sdk.bundle import Bundle
-from sdk.errors import BrokerError, BundleError, EdgeSdkError, FleetError, JobError, ProtocolError, RolloutError
+from sdk.errors import BrokerError, BundleError, FleetError, JobError, ProtocolError, RolloutError
 from sdk.mqtt import MqttConnection, MqttSettings
 
 from . import jobs as jobs_mod
@@ -136,7 +136,7 @@ class Fleet:
             raise FleetError(f"another fleet process (pid {self._lock.holder()}) controls {self.state_dir}: "
                              "stop it, or let it do the work (it picks up new rollouts and jobs from the database)")
         try:
-            self.db = FleetDB(self.state_dir)
+            self.db = FleetDB(self.state_dir, create=False)
             self.db.execute("DELETE FROM seen WHERE at < ?", (self.clock() - 30 * 86400,))
             self.registry = Registry(self.db)
             self.rollouts = RolloutController(self.db, self.registry, self._send_install, self._send_rollback, self.clock)
@@ -323,16 +323,14 @@ class Fleet:
         return self.state_dir / "bundles" / f"{sha256}.edgebundle"
 
     # --- registry -------------------------------------------------------------------------------
-    def _reader(self) -> FleetDB:
-        return FleetDB(self.state_dir)
+    def _db(self) -> FleetDB:
+        """A short-lived connection for an API call (the schema exists since __init__)."""
+        return FleetDB(self.state_dir, create=False)
 
     def devices(self, tags: Any = None) -> list[DeviceInfo]:
         """Known devices (optionally those whose tags match ``{"k": "v"}`` or ``"k=v,k=v"``)."""
-        db = self._reader()
-        try:
+        with self._db() as db:
             return Registry(db).list(parse_tags(tags))
-        finally:
-            db.close()
 
     # --- rollouts -------------------------------------------------------------------------------
     def add_bundle(self, path: Union[str, os.PathLike]) -> tuple[str, dict[str, Any]]:
@@ -355,13 +353,10 @@ class Fleet:
             tmp.write_bytes(raw)
             tmp.replace(target)
         m = bundle.manifest
-        db = self._reader()
-        try:
+        with self._db() as db:
             db.execute("INSERT OR IGNORE INTO bundles (sha256, model, version, size, path, manifest, added) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (sha, m.name, m.version, len(raw), str(target), dumps(m.data),
                                                         self.clock()))
-        finally:
-            db.close()
         return sha, dict(m.data)
 
     def deploy(self, bundle: Union[str, os.PathLike], *, to: Any = None, devices: Optional[Sequence[str]] = None,
@@ -373,28 +368,19 @@ class Fleet:
         opts = RolloutOptions(**options)
         opts.validate()
         sha, manifest = self.add_bundle(bundle)
-        db = self._reader()
-        try:
+        with self._db() as db:
             registry = Registry(db)
             targets = list(dict.fromkeys(devices)) if devices is not None else [d.id for d in registry.list(parse_tags(to))]
             return rollout_mod.create_rollout(db, registry, bundle_sha256=sha, model=manifest["name"],
                                               version=manifest["version"], targets=targets, options=opts, now=self.clock())
-        finally:
-            db.close()
 
     def rollout(self, rollout_id: str) -> RolloutView:
-        db = self._reader()
-        try:
+        with self._db() as db:
             return rollout_mod.view(db, rollout_id)
-        finally:
-            db.close()
 
     def rollouts(self) -> list[RolloutView]:
-        db = self._reader()
-        try:
+        with self._db() as db:
             return rollout_mod.list_rollouts(db)
-        finally:
-            db.close()
 
     def cancel(self, rollout_id: str) -> None:
         """Stop starting devices (those installing finish; none is rolled back)."""
@@ -405,11 +391,8 @@ class Fleet:
         self._request(rollout_id, "rollback")
 
     def _request(self, rollout_id: str, action: str) -> None:
-        db = self._reader()
-        try:
+        with self._db() as db:
             rollout_mod.request(db, rollout_id, action)
-        finally:
-            db.close()
 
     def wait_rollout(self, rollout_id: str, *, timeout: Optional[float] = None,
                      on_progress: Optional[Callable[[RolloutView], None]] = None, poll: float = 0.2) -> RolloutView:
@@ -423,42 +406,27 @@ class Fleet:
         arrays = self._load_inputs(model, inputs)
         opts = JobOptions(batch_size=batch_size, lease_s=lease_s, max_attempts=max_attempts, selector=parse_tags(to))
         max_packet = self.conn.max_packet if self.conn is not None else self.settings.max_packet_size
-        db = self._reader()
-        try:
+        with self._db() as db:
             return jobs_mod.create_job(db, model, arrays, opts, now=self.clock(), output=str(output) if output else None,
                                        fmt=fmt, max_packet=max_packet)
-        finally:
-            db.close()
 
     def job(self, job_id: str) -> JobSummary:
-        db = self._reader()
-        try:
+        with self._db() as db:
             return jobs_mod.summary(db, job_id)
-        finally:
-            db.close()
 
     def jobs_list(self) -> list[JobSummary]:
-        db = self._reader()
-        try:
+        with self._db() as db:
             return jobs_mod.list_jobs(db)
-        finally:
-            db.close()
 
     def outputs(self, job_id: str) -> list[np.ndarray]:
-        db = self._reader()
-        try:
+        with self._db() as db:
             return jobs_mod.collect_outputs(db, job_id)
-        finally:
-            db.close()
 
     def task_log(self, job_id: str) -> list[dict[str, Any]]:
         """Every finished task of a job: device, samples, elapsed_s (on the device), done_at (here)."""
-        db = self._reader()
-        try:
+        with self._db() as db:
             return [dict(r) for r in db.all("SELECT idx, device, stop - start AS samples, elapsed_s, done_at FROM tasks "
                                             "WHERE job = ? AND state = 'DONE' ORDER BY done_at", (job_id,))]
-        finally:
-            db.close()
 
     def wait_job(self, job_id: str, *, timeout: Optional[float] = None,
                  on_progress: Optional[Callable[[JobSummary], None]] = None, poll: float = 0.2) -> JobSummary:
@@ -486,17 +454,14 @@ class Fleet:
             return [np.asarray(x) for x in inputs]
         from sdk.dataset import InputSpec, load_dataset
 
-        db = self._reader()
-        try:
+        with self._db() as db:
             row = db.one("SELECT manifest FROM bundles WHERE model = ? ORDER BY added DESC LIMIT 1", (model,))
-        finally:
-            db.close()
         path = Path(inputs)
         if row is None:
             if path.is_dir():
                 raise JobError(f"no bundle of {model!r} is known to this fleet, so image sizes are unknown: "
                                "deploy it first (edgesdk fleet deploy) or pass a .npz/.npy")
-            return _raw_arrays(path)
+            return load_dataset(path, None, what="job input").xs
         import json
 
         manifest = json.loads(row["manifest"])
@@ -533,44 +498,23 @@ class Fleet:
         (``edgesdk fleet devices`` uses this so its listing is current)."""
         if not self._lock.acquire():
             return  # a controller runs and keeps the registry current
-        db = FleetDB(self.state_dir)
         received: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
-        settings = MqttSettings(**{**self.settings.__dict__, "client_id": "", "persistent_session": False})
+        settings = dataclasses.replace(self.settings, client_id="", persistent_session=False)
         conn = self._factory(settings, lambda t, p: received.put((t, p)), [(proto.subscription("status"), 1)])
         try:
             conn.start()
             if not conn.wait_connected(10):
                 raise BrokerError(f"cannot connect to the MQTT broker at {settings.host}:{settings.port}")
             time.sleep(seconds)
-            registry = Registry(db)
-            while not received.empty():
-                t, p = received.get()
-                try:
-                    msg = proto.decode(p)
-                except ProtocolError:
-                    continue
-                if isinstance(msg, proto.Status):
-                    registry.on_status(msg, self.clock())
+            with self._db() as db:
+                registry = Registry(db)
+                while not received.empty():
+                    try:
+                        msg = proto.decode(received.get()[1])
+                    except ProtocolError:
+                        continue
+                    if isinstance(msg, proto.Status):
+                        registry.on_status(msg, self.clock())
         finally:
             conn.stop()
-            db.close()
             self._lock.release()
-
-
-def _raw_arrays(path: Path) -> list[np.ndarray]:
-    from sdk.errors import DataError
-
-    try:
-        if path.suffix == ".npy":
-            return [np.load(path, allow_pickle=False)]
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                if "x" in npz.files:
-                    return [npz["x"]]
-                keys = sorted(k for k in npz.files if k.startswith("x") and k[1:].isdigit())
-                if keys:
-                    return [npz[k] for k in sorted(keys, key=lambda k: int(k[1:]))]
-                raise DataError(f"{path} has arrays {npz.files}; expected x (or x0, x1, ...)")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read job input {path}: {exc}") from exc
-    raise DataError(f"job input {path}: use a .npz (x), a .npy, or a folder of images")

@@ -18,6 +18,7 @@ their sha256), rollback, free-slot announcements and batch tasks. What is simula
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -103,8 +104,8 @@ class SimulatedDevices:
             group = [self.devices[d] for d in ids[k : k + self.per_connection]]
             subs = [(proto.topic(d.id, ch), 1) for d in group for ch in ("cmd", "chunk", "task")]
             subs.append((proto.fleet_topic(), 1))
-            settings = MqttSettings(**{**self.settings.__dict__, "client_id": f"{group[0].id}-x{len(group)}",
-                                       "persistent_session": False})
+            settings = dataclasses.replace(self.settings, client_id=f"{group[0].id}-x{len(group)}",
+                                           persistent_session=False)
             conn = MqttConnection(settings, self._handle, subs, on_connected=lambda g=group: self._connected(g))
             for d in group:
                 d.conn = conn

@@ -64,9 +64,10 @@ def default_state_dir() -> Path:
 
 
 class FleetDB:
-    """A connection to the fleet database (one per thread; SQLite connections are not shared)."""
+    """A connection to the fleet database (one per thread; SQLite connections are not shared).
+    ``create=True`` makes the schema (once per process is enough); a context manager closes it."""
 
-    def __init__(self, state_dir: os.PathLike | str, *, readonly: bool = False) -> None:
+    def __init__(self, state_dir: os.PathLike | str, *, create: bool = True) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "fleet.sqlite"
@@ -74,8 +75,14 @@ class FleetDB:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
-        if not readonly:
+        if create:
             self.conn.executescript(SCHEMA)
+
+    def __enter__(self) -> "FleetDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- small helpers -----------------------------------------------------------------------
     def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:

@@ -111,19 +111,24 @@ def _check(x: np.ndarray, spec: InputSpec, what: str, source: str) -> np.ndarray
 
 def load_dataset(
     path: PathLike,
-    inputs: Sequence[InputSpec],
+    inputs: Optional[Sequence[InputSpec]],
     *,
     what: str = "calibration",
     limit: Optional[int] = None,
     value_range: tuple[float, float] = (0.0, 1.0),
 ) -> Dataset:
-    """Load ``path`` for a model with ``inputs``; raise DataError with the fix when it does not fit."""
+    """Load ``path`` for a model with ``inputs``; raise DataError with the fix when it does not fit.
+
+    ``inputs=None`` (the model's inputs are unknown): a ``.npz``/``.npy`` is taken as it is
+    (``x``, else ``x0``, ``x1``, ...), unchecked; an image folder needs the inputs' sizes."""
     p = Path(path)
     source = str(p)
     if not p.exists():
         raise DataError(f"{what} data {p} does not exist: check the path")
     y = None
     if p.is_dir():
+        if inputs is None:
+            raise DataError(f"{what} data {p} is a folder of images, but the model's input size is unknown")
         if len(inputs) != 1:
             raise DataError("image folders work for single-input models only: pass a .npz with x0, x1, ...")
         x, y = _images(p, inputs[0], value_range)
@@ -132,18 +137,19 @@ def load_dataset(
         try:
             with np.load(p, allow_pickle=False) as npz:
                 keys = set(npz.files)
-                if "x" in keys and len(inputs) == 1:
+                count = len(inputs) if inputs is not None else max(1, sum(f"x{i}" in keys for i in range(len(keys))))
+                if "x" in keys and count == 1:
                     xs = [npz["x"]]
-                elif all(f"x{i}" in keys for i in range(len(inputs))):
-                    xs = [npz[f"x{i}"] for i in range(len(inputs))]
+                elif all(f"x{i}" in keys for i in range(count)):
+                    xs = [npz[f"x{i}"] for i in range(count)]
                 else:
-                    names = "x" if len(inputs) == 1 else ", ".join(f"x{i}" for i in range(len(inputs)))
+                    names = "x" if count == 1 else ", ".join(f"x{i}" for i in range(count))
                     raise DataError(f"{what} data {p} has arrays {sorted(keys)}; expected {names} (and optional y)")
                 y = npz["y"] if "y" in keys else None
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read {what} data {p}: {exc}") from exc
     elif p.suffix == ".npy":
-        if len(inputs) != 1:
+        if inputs is not None and len(inputs) != 1:
             raise DataError(".npy holds one array: a multi-input model needs a .npz with x0, x1, ...")
         try:
             xs = [np.load(p, allow_pickle=False)]
@@ -151,7 +157,10 @@ def load_dataset(
             raise DataError(f"cannot read {what} data {p}: {exc}") from exc
     else:
         raise DataError(f"{what} data {p}: use a .npz (x, optional y), a .npy, or a folder of images")
-    xs = [_check(np.asarray(x), spec, what, source) for x, spec in zip(xs, inputs)]
+    if inputs is not None:
+        xs = [_check(np.asarray(x), spec, what, source) for x, spec in zip(xs, inputs)]
+    elif any(np.asarray(x).ndim == 0 or len(x) == 0 for x in xs):
+        raise DataError(f"{what} data {p} holds no samples")
     if len({x.shape[0] for x in xs}) != 1:
         raise DataError(f"{what} data {p}: inputs have different sample counts")
     if y is not None:

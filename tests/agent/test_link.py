@@ -7,9 +7,6 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import Agent
-from agent.link import AgentLink
-from agent.config import load_config
 from sdk import protocol as proto
 from sdk.errors import BackpressureError
 

@@ -9,6 +9,18 @@ import pytest
 from sdk.errors import JobError
 
 
+def publish_once(port: int, topic: str, payload: bytes) -> None:
+    """One QoS-1 message from a bare paho client (a device that is not an edgesdk agent)."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    c.publish(topic, payload, qos=1).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+
+
 def echo(x: np.ndarray, width: int = 4) -> np.ndarray:
     return x.reshape(len(x), -1)[:, :width]
 
@@ -86,20 +98,13 @@ def test_a_task_too_large_for_the_broker_is_refused_with_the_fix(broker, make_fl
 
 
 def test_a_message_that_breaks_processing_is_skipped_and_the_rest_goes_on(broker, make_fleet, make_sims, eventually) -> None:
-    import paho.mqtt.client as mqtt
-
     from sdk import protocol as proto
 
     fleet = make_fleet(broker.url)
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
     job = fleet.submit("noop", x, batch_size=5)
     bad = proto.TaskResult(device="rogue", job=job, task=f"{job}-0", outputs=["not a tensor"], samples=5)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    c.publish(proto.topic("rogue", "up"), bad.to_payload(), qos=1).wait_for_publish(5)
-    c.disconnect()
-    c.loop_stop()
+    publish_once(broker.port, proto.topic("rogue", "up"), bad.to_payload())
     assert eventually(lambda: fleet.stats["failed_messages"] == 1)  # logged, skipped, not acknowledged
     make_sims(1, broker.url, models={"noop": "1"})
     result = fleet.finish_job(job, timeout=30)
@@ -108,8 +113,6 @@ def test_a_message_that_breaks_processing_is_skipped_and_the_rest_goes_on(broker
 
 
 def test_a_result_speaking_for_another_device_is_dropped(broker, make_fleet, make_sims, eventually) -> None:
-    import paho.mqtt.client as mqtt
-
     from sdk import protocol as proto
 
     fleet = make_fleet(broker.url)
@@ -117,12 +120,7 @@ def test_a_result_speaking_for_another_device_is_dropped(broker, make_fleet, mak
     job = fleet.submit("noop", x, batch_size=2)
     forged = proto.TaskResult(device="sim-0000", job=job, task=f"{job}-0",
                               outputs=[proto.Result.encode_tensor(np.zeros((2, 4), np.float32))], samples=2)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    c.publish(proto.topic("intruder", "up"), forged.to_payload(), qos=1).wait_for_publish(5)
-    c.disconnect()
-    c.loop_stop()
+    publish_once(broker.port, proto.topic("intruder", "up"), forged.to_payload())
     assert eventually(lambda: fleet.stats["spoofed"] == 1)
     make_sims(1, broker.url, models={"noop": "1"})
     np.testing.assert_array_equal(fleet.finish_job(job, timeout=30).outputs[0], x)  # the forged zeros were not taken

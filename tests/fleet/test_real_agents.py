@@ -2,12 +2,10 @@
 amqtt (MQTT 3.1.1): rollouts that succeed, abort on failures, abort on a measured latency
 regression; an offline device catching up; batch jobs with exactly one result per sample."""
 
-import signal
 
 import numpy as np
 import pytest
 
-from agent import Agent
 from sdk.runtime import open_engine
 
 
