@@ -5,35 +5,69 @@
         (probs,) = client.predict("digits", [image])          # float in, float out
         (raw,) = client.predict("digits", [q_image], raw=True)  # integer I/O as the model has it
 
+        frame = client.buffer((1, 224, 224, 3), "float32")   # zero-copy: fill it in place ...
+        np.divide(camera_image, 127.5, out=frame); frame -= 1
+        (logits,) = client.predict("mobilenet", [frame])     # ... and it reaches the agent as is
+
 One client holds one connection; use one per thread (connections are cheap). Inputs of
 ``shm_threshold`` bytes or more travel through a shared-memory region the client passes to the
-agent once (Linux ``memfd``): one memcpy instead of two copies through the kernel.
+agent once (Linux ``memfd``): one memcpy instead of two copies through the kernel. Arrays made by
+:meth:`AgentClient.buffer` live in shared memory already, so they cost no copy at all, the way
+pycoral's ``input_tensor`` lets an application write into the interpreter's input.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import socket
 import threading
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from sdk.errors import InferenceError
 
-from .localapi import _U32, REQ, RESP, BufferedReader, Op, read_tensors, send_parts, shm_heads, tune_socket, write_request
+from .localapi import (HDR, MAX_REGIONS, BufferedReader, Op, TensorSpec, parse_tensor_headers, payload, request_head,
+                       send_parts, tensor_headers, tune_socket)
 
 __all__ = ["AgentClient"]
+
+_SCRATCH = 0  # region for inputs copied in; the regions after it hold buffers made by buffer()
+_MIN_REGION = 1 << 20
+_MAX_PLANS = 256
+
+
+def _aligned(n: int) -> int:
+    return max(64, -(-n // 64) * 64)
+
+
+class _Plan(NamedTuple):
+    """A request's bytes up to its inline tensors, made once per model name, flags and input
+    shapes (or buffers): which inputs are copied into the scratch region and which go inline."""
+
+    head: bytes
+    copies: list[tuple[int, np.ndarray]]
+    inline: list[int]
+    total: int
 
 
 class AgentClient:
     def __init__(self, socket_path: Union[str, os.PathLike], timeout: float = 30.0,
-                 shm_threshold: Optional[int] = 64 * 1024) -> None:
+                 shm_threshold: Optional[int] = 64 * 1024, shm_size: int = 0) -> None:
+        """``shm_threshold``: inputs of this many bytes or more (together) go through shared memory;
+        ``None`` sends everything inline. ``shm_size``: bytes to reserve for :meth:`buffer` up
+        front (otherwise regions are added as buffers are made)."""
         self.socket_path = str(socket_path)
         self.shm_threshold = shm_threshold if hasattr(os, "memfd_create") else None
-        self._shm: Optional[mmap.mmap] = None
+        self._regions: dict[int, mmap.mmap] = {}
+        self._buffer_region = 0  # index of the region new buffers are carved from (0: none yet)
+        self._buffer_used = 0
+        self._buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # id -> (array, region, offset)
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._responses: dict[bytes, list[TensorSpec]] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         tune_socket(self._sock)
@@ -46,54 +80,131 @@ class AgentClient:
             ) from exc
         self._lock = threading.Lock()
         self._reader = BufferedReader(self._sock)
+        if shm_size > 0:
+            with self._lock:
+                self._new_buffer_region(shm_size)
 
-    def _call(self, op: int, name: str = "", arrays: Sequence[np.ndarray] = (), flags: int = 0) -> Any:
+    # --- shared memory ---------------------------------------------------------------------------
+    def buffer(self, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+        """A zeroed array in shared memory: fill it in place and pass it to :meth:`predict`, and it
+        reaches the agent without a copy. Buffers live as long as the client; reuse them."""
+        if self.shm_threshold is None:
+            raise InferenceError("shared memory is off for this client (shm_threshold=None, or no memfd here)")
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        count = math.prod(shape)
+        size = _aligned(count * dtype.itemsize)
         with self._lock:
-            arrays = [np.asarray(a) for a in arrays]
-            if self.shm_threshold is not None and op == Op.PREDICT and sum(a.nbytes for a in arrays) >= self.shm_threshold:
-                self._send_via_shm(name, arrays, flags)
-            else:
-                write_request(self._sock, op, name, arrays, flags)
-            return self._response(op)
+            region = self._regions.get(self._buffer_region)
+            if region is None or self._buffer_used + size > len(region):
+                self._new_buffer_region(max(_MIN_REGION, 2 * size))
+                region = self._regions[self._buffer_region]
+            offset = self._buffer_used
+            self._buffer_used += size
+            a = np.frombuffer(region, dtype=dtype, count=count, offset=offset).reshape(shape)
+            self._buffers[id(a)] = (a, self._buffer_region, offset)
+        return a
 
-    def _send_via_shm(self, name: str, arrays: list[np.ndarray], flags: int) -> None:
-        offsets, end = [], 0
-        for a in arrays:  # 64-byte aligned slots
-            offsets.append(end)
-            end += -(-a.nbytes // 64) * 64
-        if self._shm is None or len(self._shm) < end:
-            self._attach(max(end, 1 << 20))
-        for a, off in zip(arrays, offsets):
-            np.copyto(np.frombuffer(self._shm, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape), a)
-        raw_name = name.encode()
-        send_parts(self._sock, [REQ.pack(b"EQ", Op.PREDICT, flags, len(raw_name), len(arrays)), raw_name,
-                                *shm_heads(arrays, offsets)])
+    def _new_buffer_region(self, size: int) -> None:
+        index = max(self._regions, default=_SCRATCH) + 1
+        if index >= MAX_REGIONS:
+            raise InferenceError(f"this client has {MAX_REGIONS - 1} shared-memory regions of buffers already: "
+                                 "reuse buffers, or reserve room with AgentClient(..., shm_size=BYTES)")
+        self._attach(index, size)
+        self._buffer_region, self._buffer_used = index, 0
 
-    def _attach(self, size: int) -> None:
+    def _attach(self, index: int, size: int) -> None:
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = os.memfd_create("edgesdk-agent-client", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
             region = mmap.mmap(fd, size)
-            text = str(size).encode()
-            socket.send_fds(self._sock, [REQ.pack(b"EQ", Op.ATTACH, 0, len(text), 0) + text], [fd])
+            send_parts(self._sock, [request_head(Op.ATTACH, f"{index} {size}".encode())], 0)
+            self._response(Op.ATTACH)  # "send-fd"
+            socket.send_fds(self._sock, [b"F"], [fd])
+            self._response(Op.ATTACH)  # "attached"
         finally:
             os.close(fd)
-        self._response(Op.ATTACH)
-        if self._shm is not None:
-            self._shm.close()
-        self._shm = region
+        old = self._regions.pop(index, None)
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass  # arrays still point into it; the mapping goes when they do
+        self._regions[index] = region
+        self._plans.clear()
+
+    # --- requests ----------------------------------------------------------------------------
+    def _plan(self, name: bytes, flags: int, arrays: list[np.ndarray],
+              registered: list[Optional[tuple[int, int]]]) -> _Plan:
+        copy = [i for i, (a, r) in enumerate(zip(arrays, registered)) if r is None]
+        to_shm = (self.shm_threshold is not None and copy
+                  and sum(arrays[i].nbytes for i in copy) >= self.shm_threshold)
+        places: list[Optional[tuple[int, int]]] = list(registered)
+        copies: list[tuple[int, np.ndarray]] = []
+        if to_shm:
+            need = sum(_aligned(arrays[i].nbytes) for i in copy)
+            scratch = self._regions.get(_SCRATCH)
+            if scratch is None or len(scratch) < need:
+                self._attach(_SCRATCH, max(_MIN_REGION, 2 * need))
+                scratch = self._regions[_SCRATCH]
+            offset = 0
+            for i in copy:
+                a = arrays[i]
+                places[i] = (_SCRATCH, offset)
+                copies.append((i, np.frombuffer(scratch, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)))
+                offset += _aligned(a.nbytes)
+        inline = [i for i, p in enumerate(places) if p is None]
+        head = request_head(Op.PREDICT, name, tensor_headers(arrays, places), len(arrays), flags)
+        return _Plan(head, copies, inline, len(head) + sum(arrays[i].nbytes for i in inline))
+
+    def _predict(self, name: str, arrays: list[np.ndarray], flags: int) -> list[np.ndarray]:
+        with self._lock:
+            registered: list[Optional[tuple[int, int]]] = []
+            key: list[Any] = [name, flags]
+            for a in arrays:
+                entry = self._buffers.get(id(a))
+                if entry is not None and entry[0] is a:
+                    registered.append(entry[1:])
+                    key.append(id(a))
+                else:
+                    registered.append(None)
+                    key.append((a.shape, a.dtype))
+            plan = self._plans.get(tuple(key))
+            if plan is None:
+                plan = self._plan(name.encode(), flags, arrays, registered)
+                if not flags & 2:  # a publish key makes every request's head different
+                    if len(self._plans) >= _MAX_PLANS:
+                        self._plans.clear()
+                    self._plans[tuple(key)] = plan
+            for i, view in plan.copies:
+                np.copyto(view, arrays[i])
+            send_parts(self._sock, [plan.head, *[payload(arrays[i]) for i in plan.inline]], plan.total)
+            return self._response(Op.PREDICT)
+
+    def _call(self, op: int, name: str = "") -> Any:
+        with self._lock:
+            send_parts(self._sock, [request_head(op, name.encode())], 0)
+            return self._response(op)
 
     def _response(self, op: int) -> Any:
-        magic, status, count = RESP.unpack(self._reader.read(RESP.size))
+        magic, head_len = HDR.unpack(self._reader.read(HDR.size))
         if magic != b"ER":
-            raise InferenceError("bad response framing from the agent")
-        if status != 0 or (count == 0 and op != Op.PREDICT):
-            (n,) = _U32.unpack(self._reader.read(4))
-            text = self._reader.read(n).decode()
-            if status != 0:
-                raise InferenceError(text)
-            return json.loads(text)
-        return read_tensors(self._reader, count)
+            raise InferenceError("bad response framing from the agent (are client and agent the same edgesdk version?)")
+        head = bytes(self._reader.read(head_len))
+        specs = self._responses.get(head)
+        if specs is None:
+            status, count = head[0], head[1]
+            if count == 0 and len(head) == 6:  # a JSON value or an error message
+                text = self._reader.read(int.from_bytes(head[2:6], "little")).decode()
+                if status != 0:
+                    raise InferenceError(text)
+                return json.loads(text)
+            specs = parse_tensor_headers(head, 2, count)
+            if len(self._responses) >= _MAX_PLANS:
+                self._responses.clear()
+            self._responses[head] = specs
+        return [np.frombuffer(self._reader.read(s.nbytes), dtype=s.dtype).reshape(s.shape) for s in specs]
 
     def predict(self, model: str, inputs: Union[Sequence[np.ndarray], Mapping[str, np.ndarray], np.ndarray],
                 *, raw: bool = False, publish_key: Optional[str] = None) -> list[np.ndarray]:
@@ -113,7 +224,7 @@ class AgentClient:
                 raise InferenceError(f"{model}: missing input {exc}") from exc
         flags = (1 if raw else 0) | (2 if publish_key is not None else 0)
         name = model if publish_key is None else f"{model}\0{publish_key}"
-        return self._call(Op.PREDICT, name, list(inputs), flags)
+        return self._predict(name, [a if type(a) is np.ndarray else np.asarray(a) for a in inputs], flags)
 
     def models(self) -> list[dict[str, Any]]:
         return self._call(Op.MODELS)
@@ -126,9 +237,14 @@ class AgentClient:
 
     def close(self) -> None:
         self._sock.close()
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        self._plans.clear()
+        self._buffers.clear()
+        for region in self._regions.values():
+            try:
+                region.close()
+            except BufferError:
+                pass  # the application still holds buffers; the mapping goes with them
+        self._regions.clear()
 
     def __enter__(self) -> "AgentClient":
         return self

@@ -32,8 +32,10 @@ class Histogram:
             self.counts[i] += 1
             self.total += 1
             self.sum += seconds
-            self.min = min(self.min, seconds)
-            self.max = max(self.max, seconds)
+            if seconds < self.min:
+                self.min = seconds
+            if seconds > self.max:
+                self.max = seconds
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding the q-quantile (seconds), clamped to [min, max]."""

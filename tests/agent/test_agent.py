@@ -244,7 +244,7 @@ def test_local_api_carries_large_tensors_of_every_dtype(tmp_path, shm_threshold)
             assert [o.dtype for o in out] == [np.dtype(np.float32), *DTYPES[::-1], np.dtype(np.float32)]
             assert np.array_equal(out[-1], big) and np.array_equal(out[0], scalar)
             assert all(np.array_equal(a, b) for a, b in zip(out[1:-1], small[::-1]))
-            assert (client._shm is not None) == (shm_threshold is not None)
+            assert bool(client._regions) == (shm_threshold is not None)
             bigger = rng.random((1, 512, 512, 3), dtype=np.float32)  # outgrows the region: a new one is attached
             assert np.array_equal(client.predict("echo", [bigger])[0], bigger)
     finally:
@@ -254,7 +254,7 @@ def test_local_api_carries_large_tensors_of_every_dtype(tmp_path, shm_threshold)
 def test_shared_memory_inputs_give_the_same_answers_and_bad_headers_are_refused(agent, digits_bundle, digits) -> None:
     import socket as _socket
 
-    from agent.localapi import REQ, Op, shm_heads
+    from agent.localapi import Op, request_head, tensor_headers
 
     agent.install(digits_bundle.path)
     x = digits.x_test[:1]
@@ -262,10 +262,10 @@ def test_shared_memory_inputs_give_the_same_answers_and_bad_headers_are_refused(
             AgentClient(agent.config.socket_path, shm_threshold=None) as inline_client:
         for sample in digits.x_test[:5]:
             assert np.array_equal(shm_client.predict("digits", [sample[None]])[0], inline_client.predict("digits", [sample[None]])[0])
-        assert shm_client._shm is not None and inline_client._shm is None
+        assert shm_client._regions and not inline_client._regions
     with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as raw:  # a shared-memory tensor, never attached
         raw.connect(str(agent.config.socket_path))
-        raw.sendall(REQ.pack(b"EQ", Op.PREDICT, 0, 6, 1) + b"digits" + shm_heads([x], [0])[0])
+        raw.sendall(request_head(Op.PREDICT, b"digits", tensor_headers([x], [(0, 0)]), 1))
         reply = raw.recv(4096)
         assert b"without an attached region" in reply
         assert raw.recv(10) == b""  # and the agent closed that connection
