@@ -18,6 +18,7 @@ pycoral's ``input_tensor`` lets an application write into the interpreter's inpu
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import mmap
@@ -115,9 +116,10 @@ class AgentClient:
 
     def _attach(self, index: int, size: int) -> None:
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        fd = os.memfd_create("edgesdk-agent-client", os.MFD_CLOEXEC)
+        fd = os.memfd_create("edgesdk-agent-client", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)  # the agent requires it
             region = mmap.mmap(fd, size)
             send_parts(self._sock, [request_head(Op.ATTACH, f"{index} {size}".encode())], 0)
             self._response(Op.ATTACH)  # "send-fd"

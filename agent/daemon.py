@@ -108,15 +108,20 @@ class Agent:
             raise InferenceError(f"no model named {name!r} is active (active: {active})")
         return m
 
-    def predict(self, name: str, inputs: Inputs, *, raw: bool = False,
-                publish_key: Optional[str] = None) -> list[np.ndarray]:
+    def predict(self, name: str, inputs: Inputs, *, raw: bool = False, publish_key: Optional[str] = None,
+                reply: Optional[Callable[[list[np.ndarray]], None]] = None) -> list[np.ndarray]:
         """Run one request on the active version of ``name``; with ``publish_key`` also send the
-        result to the fleet durably (needs a running link; raises BackpressureError when full)."""
-        if publish_key is not None and self.result_sink is None:
+        result to the fleet durably (needs a running link; raises BackpressureError when full).
+        ``reply`` (the local API's) gets the outputs before the bookkeeping; when publishing,
+        only once the outbox has taken the result."""
+        if publish_key is None:
+            return self.model(name).predict(inputs, raw=raw, reply=reply)
+        if self.result_sink is None:
             raise InferenceError("publishing results needs the MQTT link (edgesdk agent run)")
         outputs = self.model(name).predict(inputs, raw=raw)
-        if publish_key is not None:
-            self.result_sink(name, outputs, publish_key)
+        self.result_sink(name, outputs, publish_key)
+        if reply is not None:
+            reply(outputs)
         return outputs
 
     def active_versions(self) -> dict[str, str]:

@@ -29,14 +29,17 @@ durably, the name field then being ``model\\0key``), ``MODELS`` and ``ROLLBACK``
 message of the response: the only non-tensor payloads), ``PING``, and ``ATTACH``: the client
 passes a shared-memory file descriptor (``memfd``; the name field is ``"<region> <size>"``, region
 0-15, a new one replacing the old). The agent answers ``"send-fd"``, the client then sends one
-byte carrying the descriptor (``SCM_RIGHTS``), and the agent maps it read-only and answers
-``"attached"``; inputs can then be offsets into the region. A 600 KB image costs one memcpy into
+byte carrying the descriptor (``SCM_RIGHTS``), and the agent checks it is sealed against
+shrinking (``F_SEAL_SHRINK``: a client that shrank it would crash the agent on its next read),
+maps it and answers ``"attached"``; inputs can then be offsets into the region. A 600 KB image costs one memcpy into
 the region (none with :meth:`agent.AgentClient.buffer`) instead of two copies through the kernel.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import math
 import mmap
 import os
@@ -64,6 +67,7 @@ SHM_FLAG = 0x80
 MAX_REGIONS = 16
 MAX_HEAD = 0xFFFF
 _MAX_PLANS = 256  # parsed heads kept per connection (a client sending ever-new heads is just slower)
+log = logging.getLogger("edgesdk.agent")
 _VERSION_HINT = "the client and the agent may be different edgesdk versions: upgrade both"
 
 
@@ -273,7 +277,7 @@ class _Request:
 
     def inputs(self, reader: BufferedReader) -> list[np.ndarray]:
         if not self.inline:
-            return self.arrays  # type: ignore[return-value]
+            return list(self.arrays)  # type: ignore[arg-type]
         return [a if a is not None else np.frombuffer(reader.read(s.nbytes), dtype=s.dtype).reshape(s.shape)
                 for a, s in zip(self.arrays, self.specs)]
 
@@ -371,8 +375,7 @@ class LocalApiServer:
                             if not self._attach(conn, reader, req.name, regions):
                                 return
                             continue
-                        parts, total = self._handle(req, req.inputs(reader))
-                        send_parts(conn, parts, total)
+                        self._handle(conn, req, req.inputs(reader))
                     except (ConnectionError, OSError):
                         return
             finally:
@@ -399,7 +402,12 @@ class LocalApiServer:
             conn.sendall(_error("attach without a file descriptor"))
             return False
         try:
-            region = mmap.mmap(fds[0], size, prot=mmap.PROT_READ)
+            # A region its owner could still shrink would crash the agent (SIGBUS) on the next read.
+            if not fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK or os.fstat(fds[0]).st_size < size:
+                conn.sendall(_error(f"the shared memory must be a memfd of at least {size} bytes sealed against "
+                                    "shrinking (F_SEAL_SHRINK)"))
+                return False
+            region = mmap.mmap(fds[0], size)  # read-write: LiteRT copies a read-only array twice
         except (ValueError, OSError) as exc:
             conn.sendall(_error(f"cannot map the shared memory: {exc}"))
             return True
@@ -413,20 +421,37 @@ class LocalApiServer:
         conn.sendall(_ok_json("attached"))
         return True
 
-    def _handle(self, req: _Request, arrays: list[np.ndarray]) -> tuple[list[Any], int]:
+    def _handle(self, conn: socket.socket, req: _Request, arrays: list[np.ndarray]) -> None:
+        """Answer one request: a predict answers from its ``reply`` callback (before the agent's
+        bookkeeping) or, for a predict callable without one, here."""
+        replied = False
+
+        def reply(outputs: list[np.ndarray]) -> None:
+            nonlocal replied
+            replied = True
+            send_parts(conn, *req.response(outputs))
+
         try:
             if req.op == Op.PREDICT:
-                return req.response(self._predict(req.name, arrays, raw=bool(req.flags & 1), publish_key=req.key))
+                outputs = self._predict(req.name, arrays, raw=bool(req.flags & 1), publish_key=req.key, reply=reply)
+                if not replied:
+                    send_parts(conn, *req.response(outputs))
+                return
             if req.op == Op.MODELS:
-                reply = _ok_json(self._models())
+                answer = _ok_json(self._models())
             elif req.op == Op.ROLLBACK:
-                reply = _ok_json(self._rollback(req.name))
+                answer = _ok_json(self._rollback(req.name))
             elif req.op == Op.PING:
-                reply = _ok_json("pong")
+                answer = _ok_json("pong")
             else:
-                reply = _error(f"unknown op {req.op}")
+                answer = _error(f"unknown op {req.op}")
+        except (ConnectionError, OSError):
+            raise
         except EdgeSdkError as exc:
-            reply = _error(str(exc))
+            answer = _error(str(exc))
         except Exception as exc:  # never let one bad request kill the connection thread silently
-            reply = _error(f"internal error: {type(exc).__name__}: {exc}")
-        return [reply], len(reply)
+            answer = _error(f"internal error: {type(exc).__name__}: {exc}")
+        if replied:  # failed after answering (bookkeeping): the caller has its outputs
+            log.warning("after answering %s: %s", req.name, answer[10:].decode(errors="replace"))
+        else:
+            conn.sendall(answer)

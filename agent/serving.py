@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -109,8 +109,11 @@ class ActiveModel:
         except AttributeError:
             return False
 
-    def predict(self, inputs: Inputs, *, raw: bool = False) -> list[np.ndarray]:
-        """Run one request; see the module docstring."""
+    def predict(self, inputs: Inputs, *, raw: bool = False,
+                reply: Optional[Callable[[list[np.ndarray]], None]] = None) -> list[np.ndarray]:
+        """Run one request; see the module docstring. ``reply`` is called with the outputs as soon
+        as they exist, before the engine goes back to the pool and the statistics are recorded
+        (the local API answers from it, so its caller does not wait for the bookkeeping)."""
         t0 = time.perf_counter()
         if self._is_direct(inputs, raw):
             xs = inputs
@@ -122,15 +125,19 @@ class ActiveModel:
                 raise
         engine = self._pool.get()
         try:
-            ys = engine.run(xs)
-        except Exception as exc:  # a runtime failure on this request must not take the agent down
-            self.stats.error()
-            raise InferenceError(f"{self.name}: inference failed: {exc}") from exc
+            try:
+                ys = engine.run(xs)
+            except Exception as exc:  # a runtime failure on this request must not take the agent down
+                self.stats.error()
+                raise InferenceError(f"{self.name}: inference failed: {exc}") from exc
+            if not raw and not self._raw_out:
+                ys = [dequantize(y, spec) for y, spec in zip(ys, self.outputs)]
+            elapsed = time.perf_counter() - t0
+            if reply is not None:
+                reply(ys)
         finally:
             self._pool.put(engine)
-        if not raw and not self._raw_out:
-            ys = [dequantize(y, spec) for y, spec in zip(ys, self.outputs)]
-        self.stats.ok(time.perf_counter() - t0)
+        self.stats.ok(elapsed)
         return ys
 
     def run_raw_on_one_engine(self, xs: list[np.ndarray]) -> list[np.ndarray]:

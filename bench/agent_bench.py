@@ -6,13 +6,17 @@ convert_bench.py), each converted to float32 and to full int8, one run measures,
 blocks so drift is shared:
 
 * bare: ``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of our own (the baseline);
+* the same on a second interpreter of the same model: the null comparison, i.e. how far two
+  identical paths land apart in this run (the resolution of every other row);
 * ``Agent.predict(raw=True)``: the in-process path (pool checkout, input checks, stats);
 * ``Agent.predict``: the same with float in/out (quantize/dequantize for the int8 model);
 * ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, thread hop; inputs of
-  64 KB or more through the shared-memory region), to an agent running as its own process
-  (``edgesdk agent run --no-mqtt``), as applications use it.
+  64 KB or more copied into the shared-memory region), to an agent running as its own process
+  (``edgesdk agent run --no-mqtt``), as applications use it;
+* the same with the input in an ``AgentClient.buffer()`` (filled once; an application writes its
+  preprocessed input there instead of into an array of its own): no copy on the client side.
 
-    python bench/agent_bench.py [--runs 200] [--threads 2]
+    python bench/agent_bench.py [--runs 200] [--threads 2] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="edgesdk agent serving benchmark")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=4.0, help="at least this long per model (a steadier p50)")
     args = ap.parse_args()
 
     from agent import Agent, AgentClient
@@ -87,31 +92,27 @@ def main() -> int:
             for name, path in bundles.items():
                 x_float = inputs[name]
                 model = Bundle.open(path).model_bytes()
-                bare = open_engine(model, "cpu", DelegateOptions(num_threads=args.threads))
+                bare, twin = (open_engine(model, "cpu", DelegateOptions(num_threads=args.threads)) for _ in range(2))
                 x_raw = _raw(bare, x_float)
-                it = bare.interpreter
-                in_idx = bare.interpreter.get_input_details()[0]["index"]
-                out_idx = bare.interpreter.get_output_details()[0]["index"]
-
-                def bare_invoke(x=x_raw):
-                    it.set_tensor(in_idx, x)
-                    it.invoke()
-                    return it.get_tensor(out_idx)
 
                 client = AgentClient(cfg.socket_path)
+                buf = client.buffer(x_raw.shape, x_raw.dtype)
+                buf[...] = x_raw
                 paths = {
-                    "bare invoke()": bare_invoke,
+                    "bare invoke()": _bare_invoke(bare, x_raw),
+                    "bare invoke(), a second interpreter": _bare_invoke(twin, x_raw),
                     "Agent.predict(raw=True)": lambda: agent.predict(name, [x_raw], raw=True),
                     "Agent.predict (float I/O)": lambda: agent.predict(name, [x_float]),
                     "AgentClient socket (raw)": lambda: client.predict(name, [x_raw], raw=True),
+                    "AgentClient socket, buffer() input": lambda: client.predict(name, [buf], raw=True),
                 }
-                stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=2.0)
+                stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=args.seconds)
                 base = stats["bare invoke()"]
                 model_name, recipe = name.split("_")
                 label = ("digits CNN" if model_name == "digits" else "MobileNetV2") + (
                     " float32" if recipe == "none" else " int8")
                 for key, st in stats.items():
-                    over = "baseline" if key.startswith("bare") else (
+                    over = "baseline" if key == "bare invoke()" else (
                         f"{(st.p50_ms - base.p50_ms) * 1000:+.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
                     print(f"| {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
                 client.close()
@@ -120,6 +121,20 @@ def main() -> int:
             proc.wait(30)
             agent.stop()
     return 0
+
+
+def _bare_invoke(engine, x):
+    """``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of the bench's own."""
+    it = engine.interpreter
+    in_idx = it.get_input_details()[0]["index"]
+    out_idx = it.get_output_details()[0]["index"]
+
+    def run():
+        it.set_tensor(in_idx, x)
+        it.invoke()
+        return it.get_tensor(out_idx)
+
+    return run
 
 
 def _raw(engine, x_float):

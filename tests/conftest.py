@@ -211,6 +211,16 @@ class MosquittoBroker:
 
 
 @pytest.fixture
+def agent(agent_config):
+    """An in-process agent with its local API on (the real LiteRT runtime)."""
+    from agent import Agent
+
+    a = Agent(agent_config).start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
 def make_broker(tmp_path_factory: pytest.TempPathFactory):
     """``make_broker(users={...})``: a fresh Mosquitto (the ``mosquitto`` binary; .ci/setup installs it)."""
     import shutil as _shutil

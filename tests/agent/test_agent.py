@@ -15,13 +15,6 @@ from sdk.modelinfo import read_model_info
 from sdk.signing import load_private_key
 
 
-@pytest.fixture
-def agent(agent_config):
-    a = Agent(agent_config).start()
-    yield a
-    a.stop()
-
-
 def accuracy(predict, digits, n=100) -> float:
     preds = [int(np.argmax(predict([x[None]])[0])) for x in digits.x_test[:n]]
     return float(np.mean(np.array(preds) == digits.y_test[:n]))
@@ -161,46 +154,6 @@ def test_bad_inputs_fail_that_caller_only(agent, digits_bundle, digits) -> None:
     assert agent.model("digits").stats.errors == 4  # the unknown-model request counts nowhere
 
 
-def test_local_socket_api(agent, digits_bundle, digits) -> None:
-    agent.install(digits_bundle.path)
-    with AgentClient(agent.config.socket_path) as client:
-        assert client.ping()
-        x = digits.x_test[:1]
-        (probs,) = client.predict("digits", [x])
-        assert np.array_equal(probs, agent.predict("digits", [x])[0])
-        name = client.models()[0]["inputs"][0]
-        assert np.array_equal(client.predict("digits", {name: x})[0], probs)
-        with pytest.raises(InferenceError, match="must have shape"):
-            client.predict("digits", [np.zeros((2, 3), np.float32)])
-        assert client.ping()  # the connection survives a bad request
-        (raw,) = client.predict("digits", [np.zeros((1, 8, 8, 1), np.int8)], raw=True)
-        assert raw.dtype == np.int8
-
-
-def test_concurrent_clients(agent, digits_bundle, digits) -> None:
-    agent.install(digits_bundle.path)
-    expected = [agent.predict("digits", [x[None]])[0] for x in digits.x_test[:20]]
-    errors = []
-
-    def worker():
-        with AgentClient(agent.config.socket_path) as c:
-            for x, e in zip(digits.x_test[:20], expected):
-                if not np.array_equal(c.predict("digits", [x[None]])[0], e):
-                    errors.append("mismatch")
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-
-
-def test_client_without_agent_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(InferenceError, match="is edgesdk agent run running"):
-        AgentClient(tmp_path / "none.sock")
-
-
 def free_port() -> int:
     import socket
 
@@ -223,51 +176,3 @@ def test_prometheus_metrics_endpoint(agent_config, digits_bundle, digits) -> Non
     assert 'edgesdk_inference_seconds_count{model="digits",version="1"} 10' in text
     assert 'edgesdk_requests_total{model="digits",version="1"} 10' in text
     assert 'le="+Inf"' in text
-
-
-@pytest.mark.parametrize("shm_threshold", [None, 64 * 1024], ids=["inline", "shared-memory"])
-def test_local_api_carries_large_tensors_of_every_dtype(tmp_path, shm_threshold) -> None:
-    """The framing with a 224x224x3 float image (600 KB, larger than one socket buffer), inline
-    and through the shared-memory region."""
-    from agent.localapi import DTYPES, LocalApiServer
-
-    server = LocalApiServer(tmp_path / "echo.sock", lambda name, arrays, raw=False, publish_key=None: arrays[::-1],
-                            lambda: [], lambda name: {})
-    server.start()
-    try:
-        with AgentClient(tmp_path / "echo.sock", shm_threshold=shm_threshold) as client:
-            rng = np.random.default_rng(0)
-            big = rng.random((1, 224, 224, 3), dtype=np.float32)
-            small = [np.arange(6).reshape(2, 3).astype(d) for d in DTYPES]
-            scalar = np.array(3.5, np.float32)
-            out = client.predict("echo", [big, *small, scalar])
-            assert [o.dtype for o in out] == [np.dtype(np.float32), *DTYPES[::-1], np.dtype(np.float32)]
-            assert np.array_equal(out[-1], big) and np.array_equal(out[0], scalar)
-            assert all(np.array_equal(a, b) for a, b in zip(out[1:-1], small[::-1]))
-            assert bool(client._regions) == (shm_threshold is not None)
-            bigger = rng.random((1, 512, 512, 3), dtype=np.float32)  # outgrows the region: a new one is attached
-            assert np.array_equal(client.predict("echo", [bigger])[0], bigger)
-    finally:
-        server.stop()
-
-
-def test_shared_memory_inputs_give_the_same_answers_and_bad_headers_are_refused(agent, digits_bundle, digits) -> None:
-    import socket as _socket
-
-    from agent.localapi import Op, request_head, tensor_headers
-
-    agent.install(digits_bundle.path)
-    x = digits.x_test[:1]
-    with AgentClient(agent.config.socket_path, shm_threshold=0) as shm_client, \
-            AgentClient(agent.config.socket_path, shm_threshold=None) as inline_client:
-        for sample in digits.x_test[:5]:
-            assert np.array_equal(shm_client.predict("digits", [sample[None]])[0], inline_client.predict("digits", [sample[None]])[0])
-        assert shm_client._regions and not inline_client._regions
-    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as raw:  # a shared-memory tensor, never attached
-        raw.connect(str(agent.config.socket_path))
-        raw.sendall(request_head(Op.PREDICT, b"digits", tensor_headers([x], [(0, 0)]), 1))
-        reply = raw.recv(4096)
-        assert b"without an attached region" in reply
-        assert raw.recv(10) == b""  # and the agent closed that connection
-    with AgentClient(agent.config.socket_path) as client:
-        assert client.ping()  # everyone else is served
