@@ -14,7 +14,10 @@ blocks so drift is shared:
   64 KB or more copied into the shared-memory region), to an agent running as its own process
   (``edgesdk agent run --no-mqtt``), as applications use it;
 * the same with the input in an ``AgentClient.buffer()`` (filled once; an application writes its
-  preprocessed input there instead of into an array of its own): no copy on the client side.
+  preprocessed input there instead of into an array of its own): no copy on the client side;
+* the IPC floor (``bench/ipc_floor.py``): a minimal server process, its input in shared memory,
+  16-byte requests, no framing or checks — the least a cross-process call costs on this machine,
+  so the socket rows minus this row is edgesdk's own cost.
 
     python bench/agent_bench.py [--runs 200] [--threads 2] [--seconds 4]
 """
@@ -33,6 +36,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ipc_floor import FloorClient  # noqa: E402
 
 
 def _convert_bench():
@@ -95,6 +101,14 @@ def main() -> int:
                 bare, twin = (open_engine(model, "cpu", DelegateOptions(num_threads=args.threads)) for _ in range(2))
                 x_raw = _raw(bare, x_float)
 
+                floor_sock = tmp / f"floor-{name}.sock"
+                floor_proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ipc_floor.py")),
+                                               "--bundle", str(path), "--socket", str(floor_sock),
+                                               "--threads", str(args.threads)], stderr=subprocess.DEVNULL)
+                while not floor_sock.exists() and floor_proc.poll() is None:
+                    time.sleep(0.05)
+                out_nbytes = int(np.prod(bare.outputs[0].shape)) * np.dtype(bare.outputs[0].dtype).itemsize
+                floor = FloorClient(str(floor_sock), x_raw, out_nbytes)
                 client = AgentClient(cfg.socket_path)
                 buf = client.buffer(x_raw.shape, x_raw.dtype)
                 buf[...] = x_raw
@@ -105,6 +119,7 @@ def main() -> int:
                     "Agent.predict (float I/O)": lambda: agent.predict(name, [x_float]),
                     "AgentClient socket (raw)": lambda: client.predict(name, [x_raw], raw=True),
                     "AgentClient socket, buffer() input": lambda: client.predict(name, [buf], raw=True),
+                    "IPC floor (bench/ipc_floor.py)": floor,
                 }
                 stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=args.seconds)
                 base = stats["bare invoke()"]
@@ -116,6 +131,8 @@ def main() -> int:
                         f"{(st.p50_ms - base.p50_ms) * 1000:+.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
                     print(f"| {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
                 client.close()
+                floor.close()
+                floor_proc.wait(30)
         finally:
             proc.terminate()
             proc.wait(30)
