@@ -428,8 +428,9 @@ class LocalApiServer:
 
         def reply(outputs: list[np.ndarray]) -> None:
             nonlocal replied
+            parts, total = req.response(outputs)  # may refuse an output dtype: then answered below
             replied = True
-            send_parts(conn, *req.response(outputs))
+            send_parts(conn, parts, total)
 
         try:
             if req.op == Op.PREDICT:

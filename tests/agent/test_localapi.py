@@ -165,6 +165,24 @@ def test_a_cached_request_still_gets_outputs_of_a_new_shape(tmp_path) -> None:
         server.stop()
 
 
+def test_an_output_the_framing_cannot_carry_is_an_error_for_that_caller(tmp_path) -> None:
+    def predict(name, arrays, raw=False, publish_key=None, reply=None):
+        outputs = [np.zeros(3, np.uint16)] if name == "odd" else arrays
+        if reply is not None:
+            reply(outputs)
+        return outputs
+
+    server = LocalApiServer(tmp_path / "r.sock", predict, lambda: [], lambda name: {})
+    server.start()
+    try:
+        with AgentClient(tmp_path / "r.sock", timeout=10) as client:
+            with pytest.raises(InferenceError, match="dtype uint16 cannot be sent"):
+                client.predict("odd", [np.zeros(3, np.float32)])
+            assert np.array_equal(client.predict("echo", [np.ones(3, np.float32)])[0], np.ones(3, np.float32))
+    finally:
+        server.stop()
+
+
 def test_bad_attach_requests_are_refused(agent) -> None:
     def fresh():
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
