@@ -121,7 +121,7 @@ class AgentClient:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)  # the agent requires it
             region = mmap.mmap(fd, size)
-            send_parts(self._sock, [request_head(Op.ATTACH, f"{index} {size}".encode())], 0)
+            self._sock.sendall(request_head(Op.ATTACH, f"{index} {size}".encode()))
             self._response(Op.ATTACH)  # "send-fd"
             socket.send_fds(self._sock, [b"F"], [fd])
             self._response(Op.ATTACH)  # "attached"
@@ -163,22 +163,23 @@ class AgentClient:
     def _predict(self, name: str, arrays: list[np.ndarray], flags: int) -> list[np.ndarray]:
         with self._lock:
             registered: list[Optional[tuple[int, int]]] = []
-            key: list[Any] = [name, flags]
+            parts: list[Any] = [name, flags]
             for a in arrays:
                 entry = self._buffers.get(id(a))
                 if entry is not None and entry[0] is a:
                     registered.append(entry[1:])
-                    key.append(id(a))
+                    parts.append(id(a))
                 else:
                     registered.append(None)
-                    key.append((a.shape, a.dtype))
-            plan = self._plans.get(tuple(key))
+                    parts.append((a.shape, a.dtype))
+            key = tuple(parts)
+            plan = self._plans.get(key)
             if plan is None:
                 plan = self._plan(name.encode(), flags, arrays, registered)
                 if not flags & 2:  # a publish key makes every request's head different
                     if len(self._plans) >= _MAX_PLANS:
                         self._plans.clear()
-                    self._plans[tuple(key)] = plan
+                    self._plans[key] = plan
             for i, view in plan.copies:
                 np.copyto(view, arrays[i])
             send_parts(self._sock, [plan.head, *[payload(arrays[i]) for i in plan.inline]], plan.total)
@@ -186,7 +187,7 @@ class AgentClient:
 
     def _call(self, op: int, name: str = "") -> Any:
         with self._lock:
-            send_parts(self._sock, [request_head(op, name.encode())], 0)
+            self._sock.sendall(request_head(op, name.encode()))
             return self._response(op)
 
     def _response(self, op: int) -> Any:

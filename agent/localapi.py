@@ -138,14 +138,15 @@ class BufferedReader:
         return self.buf[:n]
 
 
-_HEADS: dict[int, struct.Struct] = {}
+_DIMS: dict[int, struct.Struct] = {}
 
 
-def _head_struct(ndim: int) -> struct.Struct:
-    head = _HEADS.get(ndim)
-    if head is None:
-        head = _HEADS[ndim] = struct.Struct(f"<BB{ndim}II")
-    return head
+def _dims_struct(ndim: int) -> struct.Struct:
+    """``dtype u8 | ndim u8 | dims u32 x ndim``: the part every tensor header starts with."""
+    dims = _DIMS.get(ndim)
+    if dims is None:
+        dims = _DIMS[ndim] = struct.Struct(f"<BB{ndim}I")
+    return dims
 
 
 def tensor_headers(arrays: Sequence[np.ndarray],
@@ -157,10 +158,9 @@ def tensor_headers(arrays: Sequence[np.ndarray],
         if code is None:
             raise InferenceError(f"dtype {a.dtype} cannot be sent over the local API")
         place = places[i] if places is not None else None
-        if place is None:
-            out.append(_head_struct(a.ndim).pack(code, a.ndim, *a.shape, a.nbytes))
-        else:
-            out.append(struct.pack(f"<BB{a.ndim}I", code | SHM_FLAG, a.ndim, *a.shape) + _SHM_TAIL.pack(a.nbytes, *place))
+        flag = SHM_FLAG if place is not None else 0
+        out.append(_dims_struct(a.ndim).pack(code | flag, a.ndim, *a.shape))
+        out.append(_U32.pack(a.nbytes) if place is None else _SHM_TAIL.pack(a.nbytes, *place))
     return b"".join(out)
 
 
