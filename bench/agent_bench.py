@@ -10,6 +10,9 @@ blocks so drift is shared:
   identical paths land apart in this run (the resolution of every other row);
 * ``Agent.predict(raw=True)``: the in-process path (pool checkout, input checks, stats);
 * ``Agent.predict``: the same with float in/out (quantize/dequantize for the int8 model);
+* bare ``invoke()`` with the application's own quantize/dequantize (``sdk.runtime``'s, the same
+  arithmetic): the baseline for the float I/O row, which does that conversion work for the caller
+  (for a float32 model it is the bare path with a no-op conversion);
 * ``AgentClient.predict(raw=True)``: the local Unix-socket API (framing, thread hop; inputs of
   64 KB or more copied into the shared-memory region), to an agent running as its own process
   (``edgesdk agent run --no-mqtt``), as applications use it;
@@ -117,18 +120,22 @@ def main() -> int:
                     "bare invoke(), a second interpreter": _bare_invoke(twin, x_raw),
                     "Agent.predict(raw=True)": lambda: agent.predict(name, [x_raw], raw=True),
                     "Agent.predict (float I/O)": lambda: agent.predict(name, [x_float]),
+                    "bare invoke() + own quantize/dequantize": _bare_float(bare, x_float),
                     "AgentClient socket (raw)": lambda: client.predict(name, [x_raw], raw=True),
                     "AgentClient socket, buffer() input": lambda: client.predict(name, [buf], raw=True),
                     "IPC floor (bench/ipc_floor.py)": floor,
                 }
                 stats = measure_interleaved(paths, warmup=10, runs=args.runs, min_seconds=args.seconds)
                 base = stats["bare invoke()"]
+                own = stats["bare invoke() + own quantize/dequantize"]
                 model_name, recipe = name.split("_")
                 label = ("digits CNN" if model_name == "digits" else "MobileNetV2") + (
                     " float32" if recipe == "none" else " int8")
                 for key, st in stats.items():
                     over = "baseline" if key == "bare invoke()" else (
                         f"{(st.p50_ms - base.p50_ms) * 1000:+.0f} µs ({100 * (st.p50_ms / base.p50_ms - 1):+.1f} %)")
+                    if key == "Agent.predict (float I/O)":
+                        over += f"; {(st.p50_ms - own.p50_ms) * 1000:+.0f} µs vs own quantize/dequantize"
                     print(f"| {label} | {key} | {st.p50_ms:.3f} | {st.p99_ms:.3f} | {over} |")
                 client.close()
                 floor.close()
@@ -150,6 +157,23 @@ def _bare_invoke(engine, x):
         it.set_tensor(in_idx, x)
         it.invoke()
         return it.get_tensor(out_idx)
+
+    return run
+
+
+def _bare_float(engine, x_float):
+    """The bare path for a caller with float data: quantize, ``invoke()``, dequantize itself."""
+    from sdk.runtime import dequantize, quantize
+
+    it = engine.interpreter
+    in_idx = it.get_input_details()[0]["index"]
+    out_idx = it.get_output_details()[0]["index"]
+    in_spec, out_spec = engine.inputs[0], engine.outputs[0]
+
+    def run():
+        it.set_tensor(in_idx, quantize(x_float, in_spec))
+        it.invoke()
+        return dequantize(it.get_tensor(out_idx), out_spec)
 
     return run
 
