@@ -31,8 +31,8 @@ import numpy as np
 
 from sdk.errors import InferenceError
 
-from .localapi import (HDR, MAX_REGIONS, BufferedReader, Op, TensorSpec, parse_tensor_headers, payload, request_head,
-                       send_parts, tensor_headers, tune_socket)
+from .localapi import (HDR, MAX_REGIONS, TEXT_HEAD, BufferedReader, Op, TensorSpec, close_region, parse_tensor_headers,
+                       payload, request_head, send_parts, tensor_headers, tune_socket)
 
 __all__ = ["AgentClient"]
 
@@ -129,10 +129,7 @@ class AgentClient:
             os.close(fd)
         old = self._regions.pop(index, None)
         if old is not None:
-            try:
-                old.close()
-            except BufferError:
-                pass  # arrays still point into it; the mapping goes when they do
+            close_region(old)
         self._regions[index] = region
         self._plans.clear()
 
@@ -198,8 +195,8 @@ class AgentClient:
         specs = self._responses.get(head)
         if specs is None:
             status, count = head[0], head[1]
-            if count == 0 and len(head) == 6:  # a JSON value or an error message
-                text = self._reader.read(int.from_bytes(head[2:6], "little")).decode()
+            if count == 0 and len(head) == TEXT_HEAD.size:  # a JSON value or an error message
+                text = self._reader.read(TEXT_HEAD.unpack(head)[2]).decode()
                 if status != 0:
                     raise InferenceError(text)
                 return json.loads(text)
@@ -243,10 +240,7 @@ class AgentClient:
         self._plans.clear()
         self._buffers.clear()
         for region in self._regions.values():
-            try:
-                region.close()
-            except BufferError:
-                pass  # the application still holds buffers; the mapping goes with them
+            close_region(region)  # buffers the application still holds keep theirs
         self._regions.clear()
 
     def __enter__(self) -> "AgentClient":

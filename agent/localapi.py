@@ -53,14 +53,16 @@ import numpy as np
 
 from sdk.errors import EdgeSdkError, InferenceError
 
-__all__ = ["LocalApiServer", "Op", "BufferedReader", "TensorSpec", "DTYPES", "SHM_FLAG", "MAX_REGIONS", "HDR", "REQ_HEAD",
-           "tensor_headers", "parse_tensor_headers", "request_head", "send_parts", "payload", "tune_socket"]
+__all__ = ["LocalApiServer", "Op", "BufferedReader", "TensorSpec", "DTYPES", "SHM_FLAG", "MAX_REGIONS", "HDR",
+           "REQ_HEAD", "TEXT_HEAD", "tensor_headers", "parse_tensor_headers", "request_head", "send_parts", "payload",
+           "tune_socket", "close_region"]
 
 DTYPES = [np.dtype(t) for t in ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "float64")]
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 HDR = struct.Struct("<2sH")  # magic, head_len
 REQ_HEAD = struct.Struct("<BBBH")  # op, flags, n_tensors, name_len
 _RESP_HEAD = struct.Struct("<BB")  # status, n_tensors
+TEXT_HEAD = struct.Struct("<BBI")  # status, 0, msg_len: the whole head of a text response
 _U32 = struct.Struct("<I")
 _SHM_TAIL = struct.Struct("<IBI")  # nbytes, region, offset
 SHM_FLAG = 0x80
@@ -218,7 +220,7 @@ def send_parts(sock: socket.socket, parts: list[Any], total: int) -> None:
 
 def _text_response(status: int, text: str) -> bytes:
     data = text.encode()
-    return HDR.pack(b"ER", 6) + _RESP_HEAD.pack(status, 0) + _U32.pack(len(data)) + data
+    return HDR.pack(b"ER", TEXT_HEAD.size) + TEXT_HEAD.pack(status, 0, len(data)) + data
 
 
 def _error(message: str) -> bytes:
@@ -291,7 +293,8 @@ class _Request:
         return [self.out_head, *[payload(y) for y in outputs]], self.out_bytes
 
 
-def _close_region(region: mmap.mmap) -> None:
+def close_region(region: mmap.mmap) -> None:
+    """Unmap a shared-memory region, unless arrays still point into it (then it goes with them)."""
     try:
         region.close()
     except BufferError:
@@ -381,7 +384,7 @@ class LocalApiServer:
             finally:
                 plans.clear()
                 for region in regions.values():
-                    _close_region(region)
+                    close_region(region)
 
     @staticmethod
     def _attach(conn: socket.socket, reader: BufferedReader, spec: str, regions: dict[int, mmap.mmap]) -> bool:
@@ -416,7 +419,7 @@ class LocalApiServer:
                 os.close(fd)
         old = regions.pop(index, None)
         if old is not None:
-            _close_region(old)
+            close_region(old)
         regions[index] = region
         conn.sendall(_ok_json("attached"))
         return True
@@ -453,6 +456,7 @@ class LocalApiServer:
         except Exception as exc:  # never let one bad request kill the connection thread silently
             answer = _error(f"internal error: {type(exc).__name__}: {exc}")
         if replied:  # failed after answering (bookkeeping): the caller has its outputs
-            log.warning("after answering %s: %s", req.name, answer[10:].decode(errors="replace"))
+            message = answer[HDR.size + TEXT_HEAD.size :].decode(errors="replace")
+            log.warning("after answering %s: %s", req.name, message)
         else:
             conn.sendall(answer)

@@ -63,7 +63,7 @@ def main() -> int:
     from converter import convert
     from sdk.bundle import Bundle
     from sdk.latency import measure_interleaved
-    from sdk.runtime import DelegateOptions, find_runtime, open_engine
+    from sdk.runtime import DelegateOptions, find_runtime, open_engine, quantize
     from sdk.signing import generate_keys
 
     rt = find_runtime()
@@ -102,7 +102,7 @@ def main() -> int:
                 x_float = inputs[name]
                 model = Bundle.open(path).model_bytes()
                 bare, twin = (open_engine(model, "cpu", DelegateOptions(num_threads=args.threads)) for _ in range(2))
-                x_raw = _raw(bare, x_float)
+                x_raw = quantize(x_float, bare.inputs[0])
 
                 floor_sock = tmp / f"floor-{name}.sock"
                 floor_proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ipc_floor.py")),
@@ -120,7 +120,7 @@ def main() -> int:
                     "bare invoke(), a second interpreter": _bare_invoke(twin, x_raw),
                     "Agent.predict(raw=True)": lambda: agent.predict(name, [x_raw], raw=True),
                     "Agent.predict (float I/O)": lambda: agent.predict(name, [x_float]),
-                    "bare invoke() + own quantize/dequantize": _bare_float(bare, x_float),
+                    "bare invoke() + own quantize/dequantize": _bare_invoke(bare, x_float, float_io=True),
                     "AgentClient socket (raw)": lambda: client.predict(name, [x_raw], raw=True),
                     "AgentClient socket, buffer() input": lambda: client.predict(name, [buf], raw=True),
                     "IPC floor (bench/ipc_floor.py)": floor,
@@ -147,22 +147,10 @@ def main() -> int:
     return 0
 
 
-def _bare_invoke(engine, x):
-    """``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of the bench's own."""
-    it = engine.interpreter
-    in_idx = it.get_input_details()[0]["index"]
-    out_idx = it.get_output_details()[0]["index"]
-
-    def run():
-        it.set_tensor(in_idx, x)
-        it.invoke()
-        return it.get_tensor(out_idx)
-
-    return run
-
-
-def _bare_float(engine, x_float):
-    """The bare path for a caller with float data: quantize, ``invoke()``, dequantize itself."""
+def _bare_invoke(engine, x, float_io=False):
+    """``set_tensor`` + ``invoke()`` + ``get_tensor`` on an interpreter of the bench's own; with
+    ``float_io`` the caller quantizes ``x`` and dequantizes the output itself (``sdk.runtime``'s
+    arithmetic, the agent's own)."""
     from sdk.runtime import dequantize, quantize
 
     it = engine.interpreter
@@ -171,17 +159,16 @@ def _bare_float(engine, x_float):
     in_spec, out_spec = engine.inputs[0], engine.outputs[0]
 
     def run():
-        it.set_tensor(in_idx, quantize(x_float, in_spec))
+        it.set_tensor(in_idx, x)
+        it.invoke()
+        return it.get_tensor(out_idx)
+
+    def run_float():
+        it.set_tensor(in_idx, quantize(x, in_spec))
         it.invoke()
         return dequantize(it.get_tensor(out_idx), out_spec)
 
-    return run
-
-
-def _raw(engine, x_float):
-    from sdk.runtime import quantize
-
-    return quantize(x_float, engine.inputs[0])
+    return run_float if float_io else run
 
 
 if __name__ == "__main__":
