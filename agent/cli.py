@@ -2,19 +2,58 @@
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import logging
+import os
+import pwd
+import re
+import shlex
 import signal
+import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import click
+
+from sdk.errors import ConfigError
+
+from .config import AgentConfig, load_config
 
 __all__ = ["agent_group"]
 
 UNIT_NAME = "edgesdk-agent.service"
 CONFIG_PATH = Path("/etc/edgesdk/agent.toml")
+UNIT_DIR = Path("/etc/systemd/system")
+SYSUSERS_PATH = Path("/etc/sysusers.d/edgesdk.conf")  # systemd-sysusers creates the user at boot (images)
+DEFAULT_USER = "edgesdk"
+RUNTIME_SOCKET = Path("/run/edgesdk/agent.sock")  # the local API, where apps in the agent's group reach it
+STATE_ROOT = Path("/var/lib")  # StateDirectory= is relative to it
+RUNTIME_ROOT = Path("/run")  # RuntimeDirectory= is relative to it
+HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))  # what ProtectHome= hides
+NOLOGIN = "/usr/sbin/nologin"
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
+
+
+@dataclass(frozen=True)
+class DeviceAccess:
+    """What one delegate needs from /dev: cgroup device rules, the groups that own its nodes on
+    common distributions (udev rules of libedgetpu and the gasket driver, Mesa), and whether its
+    driver library watches USB hot-plug over netlink (libusb does: the Edge TPU re-enumerates after
+    its firmware is loaded)."""
+
+    device_allow: tuple[str, ...]
+    groups: tuple[str, ...]
+    netlink: bool
+
+
+DELEGATE_DEVICES = {
+    "gpu": DeviceAccess(("char-drm rw",), ("render", "video"), netlink=False),  # /dev/dri/*
+    "edgetpu": DeviceAccess(("char-apex rw", "char-usb_device rw"), ("apex", "plugdev"), netlink=True),  # PCIe, USB
+}
 
 UNIT_TEMPLATE = """[Unit]
 Description=edgesdk agent: on-device model serving and fleet link
@@ -23,12 +62,50 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-ExecStart={python} -m sdk agent run --config {config}
+ExecStart={exec_start}
 Restart=on-failure
 RestartSec=5
 KillSignal=SIGTERM
 TimeoutStopSec=30
-Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+# Its own unprivileged user, plus the groups owning the delegates' device nodes (those that exist here).
+User={user}
+Group={group}
+{supplementary_groups}# Writable: the state dir and the local API's socket dir; everything else is read-only or hidden.
+{directories}UMask=0077
+ProtectSystem=strict
+ProtectHome={protect_home}
+{bind_read_only}PrivateTmp=yes
+{devices}# No privileges, and no way to gain any.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictSUIDSGID=yes
+{private_users}# The kernel, the clock, the host name and other processes are out of reach.
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+PrivateIPC=yes
+PrivateMounts=yes
+RemoveIPC=yes
+KeyringMode=private
+# The broker (IPv4/IPv6) and the local API (unix){netlink_reason}.
+RestrictAddressFamilies={address_families}
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+# LiteRT's CPU kernels and XNNPACK generate no code at run time: the agent serves under this unchanged.
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+# EPERM, not a kill: numpy's OpenBLAS asks for NUMA placement (mbind, in @resources) and carries on without.
+SystemCallErrorNumber=EPERM
 
 [Install]
 WantedBy=multi-user.target
@@ -78,43 +155,328 @@ def run_command(config_path: str, protocol: str, no_mqtt: bool) -> None:
     agent.stop()
 
 
+@dataclass(frozen=True)
+class Account:
+    """The agent's system user as the target's account database records it."""
+
+    name: str
+    uid: int
+    gid: int
+    group: str
+
+
+class Target:
+    """The tree ``agent install`` sets up (``/`` or an image root): its paths and account database.
+
+    For ``/`` users and groups come from NSS (``pwd``/``grp``); for any other root from that root's
+    ``/etc/passwd`` and ``/etc/group``, so an image build never consults or changes the host's."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.is_host = root.resolve() == Path("/")
+
+    def path(self, p: Path) -> Path:
+        """``p`` (a path on the target) as a path on this machine."""
+        return self.root / p.relative_to("/") if p.is_absolute() else self.root / p
+
+    def has_passwd(self) -> bool:
+        return self.path(Path("/etc/passwd")).exists()
+
+    def _entries(self, database: str) -> list[list[str]]:
+        file = self.path(Path("/etc") / database)
+        if not file.exists():
+            return []
+        return [line.split(":") for line in file.read_text().splitlines() if line and not line.startswith("#")]
+
+    def account(self, user: str) -> Optional[Account]:
+        """``user``'s uid, primary gid and group name, or None when the target has no such user."""
+        if self.is_host:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                return None
+            return Account(user, entry.pw_uid, entry.pw_gid, self.group_name(entry.pw_gid))
+        for fields in self._entries("passwd"):
+            if len(fields) >= 4 and fields[0] == user:
+                return Account(user, int(fields[2]), int(fields[3]), self.group_name(int(fields[3])))
+        return None
+
+    def group_name(self, gid: int) -> str:
+        if self.is_host:
+            try:
+                return grp.getgrgid(gid).gr_name
+            except KeyError:
+                return str(gid)
+        return next((f[0] for f in self._entries("group") if len(f) >= 3 and f[2] == str(gid)), str(gid))
+
+    def existing_groups(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` that are groups on the target (SupplementaryGroups= fails on any other)."""
+        known = {g.gr_name for g in grp.getgrall()} if self.is_host else {f[0] for f in self._entries("group")}
+        return [n for n in names if n in known]
+
+
+def delegate_devices(delegate: str) -> list[DeviceAccess]:
+    """The device access the configured delegate may need (``auto`` tries Edge TPU and GPU)."""
+    if delegate == "auto":
+        return [DELEGATE_DEVICES["gpu"], DELEGATE_DEVICES["edgetpu"]]
+    return [DELEGATE_DEVICES[delegate]] if delegate in DELEGATE_DEVICES else []
+
+
+def _under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _outermost(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without those inside another one of them."""
+    unique = sorted(set(paths))
+    return [p for p in unique if not any(q in p.parents for q in unique)]
+
+
+def interpreter_paths() -> list[Path]:
+    """Where the Python running this command and edgesdk's own code live (the unit runs both)."""
+    here = Path(__file__).resolve().parents[1]
+    prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    return _outermost([Path(p).resolve() for p in prefixes] + [here])
+
+
+def _files_read(cfg: AgentConfig) -> list[Path]:
+    named = [*cfg.trusted_keys, cfg.ca_file, cfg.client_cert, cfg.client_key, cfg.gpu_delegate_path]
+    return [Path(p) for p in named if str(p)]
+
+
+def _unit_quote(word: str) -> str:
+    """One ExecStart= word: ``%`` and ``$`` escaped (specifiers, variables), quoted if needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if word and not any(c.isspace() or c in "\"'\\;" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def installed_config(cfg: AgentConfig) -> AgentConfig:
+    """The configuration as installed: a socket left at its default moves to /run/edgesdk
+    (``RuntimeDirectory=``), where apps in the agent's group reach it without the state dir."""
+    if cfg.socket_path == cfg.state_dir / "agent.sock":
+        cfg = dataclasses.replace(cfg, socket_path=RUNTIME_SOCKET)
+    for what, path in (("state_dir", cfg.state_dir), ("socket_path", cfg.socket_path)):
+        if not path.is_absolute() or _under(path, HOME_DIRS):
+            raise ConfigError(f"{what} {path}: the service cannot write there (ProtectHome= hides home directories); "
+                              "use an absolute path such as /var/lib/edgesdk")
+    return cfg
+
+
+def _directory_lines(cfg: AgentConfig) -> str:
+    """StateDirectory=/RuntimeDirectory= where the paths allow it (systemd creates and chowns
+    them), else ReadWritePaths= (``agent install`` creates those)."""
+    lines, writable = [], []
+    state = cfg.state_dir
+    if STATE_ROOT in state.parents:
+        lines += [f"StateDirectory={state.relative_to(STATE_ROOT)}", "StateDirectoryMode=0750"]
+    else:
+        writable.append(state)
+    sockets = cfg.socket_path.parent
+    if _under(sockets, [state]):
+        pass
+    elif RUNTIME_ROOT in sockets.parents:
+        lines += [f"RuntimeDirectory={sockets.relative_to(RUNTIME_ROOT)}", "RuntimeDirectoryMode=0750"]
+    else:
+        writable.append(sockets)
+    if writable:
+        lines.append("ReadWritePaths=" + " ".join(_unit_quote(str(p)) for p in writable))
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _device_lines(devices: list[DeviceAccess]) -> str:
+    if not devices:
+        return "PrivateDevices=yes\n"
+    rules = [rule for d in devices for rule in d.device_allow]
+    return ("# The delegates' device nodes and the pseudo devices (/dev/null, /dev/urandom, ...), nothing else.\n"
+            "PrivateDevices=no\nDevicePolicy=closed\n" + "".join(f"DeviceAllow={r}\n" for r in rules))
+
+
+def render_unit(cfg: AgentConfig, account_name: str, group: str, supplementary: list[str],
+                python: str = sys.executable, home_paths: Iterable[Path] = ()) -> str:
+    """The systemd unit for ``cfg`` (as installed), run as ``account_name``:``group``.
+
+    ``home_paths`` are paths under /home, /root or /run/user the agent must read (its Python, key
+    files): the unit hides home directories behind an empty tmpfs and binds just those, read-only."""
+    devices = delegate_devices(cfg.delegate)
+    binds = _outermost(Path(p) for p in home_paths)
+    netlink = any(d.netlink for d in devices)
+    exec_start = [python, "-m", "sdk", "agent", "run", "--config", str(CONFIG_PATH)]
+    return UNIT_TEMPLATE.format(
+        exec_start=" ".join(_unit_quote(w) for w in exec_start),
+        user=account_name,
+        group=group,
+        supplementary_groups=f"SupplementaryGroups={' '.join(supplementary)}\n" if supplementary else "",
+        directories=_directory_lines(cfg),
+        protect_home="tmpfs" if binds else "yes",
+        # "-": a missing key file is the agent's to report (it names the setting), not a namespace failure
+        bind_read_only="".join(f"BindReadOnlyPaths={_unit_quote('-' + str(p))}\n" for p in binds),
+        devices=_device_lines(devices),
+        # with device groups a user namespace would map them to nobody and lose the device access
+        private_users="" if devices else "PrivateUsers=yes\n",
+        address_families="AF_UNIX AF_INET AF_INET6" + (" AF_NETLINK" if netlink else ""),
+        netlink_reason=", netlink for libusb's USB hot-plug (Edge TPU)" if netlink else "",
+    )
+
+
+def _useradd_command(target: Target, user: str, home: Path) -> list[str]:
+    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(home), "--shell", NOLOGIN]
+    if not target.is_host:
+        cmd += ["--root", str(target.root.resolve())]
+    return cmd + [user]
+
+
+def ensure_account(target: Target, user: str, home: Path, dry_run: bool) -> Optional[Account]:
+    """The agent's user on the target, created with ``useradd`` when missing. None when it is not
+    created: on a dry run, or in a root without /etc/passwd (then systemd-sysusers creates it at boot)."""
+    found = target.account(user)
+    if found is not None:
+        click.echo(f"user {user} exists: uid {found.uid}, group {found.group}")
+        return found
+    cmd = _useradd_command(target, user, home)
+    if dry_run or not (target.is_host or target.has_passwd()):
+        why = "" if dry_run else f" ({target.root} has no /etc/passwd: {SYSUSERS_PATH} creates the user at boot)"
+        click.echo(f"would create user {user}: {shlex.join(cmd)}{why}")
+        return None
+    click.echo(f"create user {user}: {shlex.join(cmd)}")
+    try:
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"useradd is not installed: create the system user {user} (home {home}, shell {NOLOGIN}) "
+                          "and run agent install again") from exc
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or "").strip().splitlines()
+        raise ConfigError(f"useradd could not create user {user}: {detail[-1] if detail else exc}") from exc
+    for line in done.stderr.strip().splitlines():
+        click.echo(f"note: {line}", err=True)
+    created = target.account(user)
+    if created is None:
+        raise ConfigError(f"useradd reported success but user {user} is not in {target.path(Path('/etc/passwd'))}")
+    return created
+
+
+def _chown_tree(path: Path, account: Account) -> None:
+    """``path`` and everything in it to the agent's user; symbolic links themselves, never their targets."""
+    os.chown(path, account.uid, account.gid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), account.uid, account.gid)
+
+
+def _make_agent_dir(path: Path, account: Optional[Account]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o750)
+    if account is not None:
+        _chown_tree(path, account)
+
+
+def _write_file(path: Path, text: str, mode: int, gid: Optional[int] = None) -> None:
+    """Write ``text`` with ``mode`` (and group ``gid``) set before the first byte is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        if gid is not None:
+            os.fchown(fd, 0, gid)
+        os.fchmod(fd, mode)
+        f.write(text)
+
+
+class Step(NamedTuple):
+    """One change ``agent install`` makes (or, on a dry run, prints)."""
+
+    what: str
+    path: Path
+    do: Callable[[], None]
+
+
+def _readable_steps(target: Target, cfg: AgentConfig, account: Optional[Account]) -> list[Step]:
+    """Make the files the agent reads readable by it: public ones (trusted keys, CA, certificate)
+    by everyone, the client key by root and the agent's group only."""
+    steps = []
+    public = [Path(p) for p in (*cfg.trusted_keys, cfg.ca_file, cfg.client_cert) if str(p)]
+    for path in map(target.path, public):
+        if path.exists() and path.stat().st_mode & 0o044 != 0o044:
+            steps.append(Step("make readable", path, lambda p=path: p.chmod(p.stat().st_mode | 0o044)))
+    key = target.path(Path(cfg.client_key)) if cfg.client_key else None
+    if key is not None and key.exists() and account is not None:
+        def restrict(p: Path = key, gid: int = account.gid) -> None:
+            os.chown(p, 0, gid)
+            p.chmod(0o640)
+        steps.append(Step(f"make readable by group {account.group} only", key, restrict))
+    return steps
+
+
+def _install_steps(target: Target, cfg: AgentConfig, user: str, account: Optional[Account], unit: str) -> list[Step]:
+    """The changes, in order: the agent's directories, its config, the files it reads, the unit."""
+    state, sockets = target.path(cfg.state_dir), target.path(cfg.socket_path.parent)
+    config, sysusers = target.path(CONFIG_PATH), target.path(SYSUSERS_PATH)
+    unit_file = target.path(UNIT_DIR / UNIT_NAME)
+    sysusers_line = f'u {user} - "edgesdk agent" {cfg.state_dir} {NOLOGIN}\n'
+    gid = account.gid if account is not None else None
+    steps = [Step("create state directory", state, lambda: _make_agent_dir(state, account))]
+    if not (_under(cfg.socket_path.parent, [cfg.state_dir]) or RUNTIME_ROOT in cfg.socket_path.parent.parents):
+        steps.append(Step("create socket directory", sockets, lambda: _make_agent_dir(sockets, account)))
+    return steps + [
+        # it may hold the broker password: readable by root and the agent's group only
+        Step("write config", config, lambda: _write_file(config, cfg.to_toml(), 0o640, gid)),
+        *_readable_steps(target, cfg, account),
+        Step("write sysusers.d entry", sysusers, lambda: _write_file(sysusers, sysusers_line, 0o644)),
+        Step("write systemd unit", unit_file, lambda: _write_file(unit_file, unit, 0o644)),
+    ]
+
+
+def _unreachable(paths: Iterable[Path]) -> list[Path]:
+    """Directories on the way to ``paths`` that another user cannot enter. Under home directories
+    only the paths themselves count: the unit binds them into an empty tmpfs."""
+    blocked = []
+    for path in paths:
+        for d in [path] if _under(path, HOME_DIRS) else [path, *path.parents]:
+            if d.is_dir() and not d.stat().st_mode & 0o001:
+                blocked.append(d)
+    return _outermost(blocked)
+
+
+def _report(target: Target, cfg: AgentConfig, user: str, group: str, created: bool, dry_run: bool) -> None:
+    """What is left for the operator: missing files, unreachable code, the next commands."""
+    if not created and not dry_run:
+        click.echo(f"note: user {user} does not exist yet: its files are root's until systemd (StateDirectory=) "
+                   "or a new agent install gives them to it", err=True)
+    missing = [str(k) for k in cfg.trusted_keys if not target.path(k).exists()]
+    if missing:
+        click.echo(f"note: trusted key(s) {', '.join(missing)} not found: copy your public.pem there", err=True)
+    blocked = _unreachable(interpreter_paths()) if target.is_host else []
+    if blocked:
+        click.echo(f"warning: user {user} cannot enter {', '.join(map(str, blocked))} (the agent's Python or code): "
+                   "install edgesdk where other users can read it, e.g. a venv in /opt/edgesdk", err=True)
+    click.echo(f"apps using the local API ({cfg.socket_path}): usermod -aG {group} APP_USER")
+    click.echo("then: systemctl daemon-reload && systemctl enable --now " + UNIT_NAME)
+
+
 @agent_group.command("install")
 @_config_option
 @click.option("--root", type=click.Path(file_okay=False), default="/", show_default=True,
               help="Install into this tree instead of / (for images and tests).")
+@click.option("--user", "user", default=DEFAULT_USER, show_default=True,
+              help="The unprivileged system user the agent runs as (created when missing).")
 @click.option("--dry-run", is_flag=True, help="Print what would be done, change nothing.")
-def install_command(config_path: str, root: str, dry_run: bool) -> None:
-    """Set a device up: state directory, /etc/edgesdk/agent.toml and a systemd unit."""
-    from .config import load_config
-
-    cfg = load_config(config_path)
-    base = Path(root)
-
-    def under(p: Path) -> Path:
-        return base / p.relative_to("/") if p.is_absolute() else base / p
-
-    actions = [
-        ("create state directory", under(cfg.state_dir), None),
-        ("write config", under(CONFIG_PATH), cfg.to_toml()),
-        ("write systemd unit", under(Path("/etc/systemd/system") / UNIT_NAME),
-         UNIT_TEMPLATE.format(python=sys.executable, config=CONFIG_PATH)),
-    ]
-    for what, path, content in actions:
-        click.echo(f"{'would ' if dry_run else ''}{what}: {path}")
-        if dry_run:
-            continue
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-            path.chmod(0o750)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            if path.name == "agent.toml":
-                path.chmod(0o640)  # it may hold the broker password
-    missing = [str(k) for k in cfg.trusted_keys if not under(k).exists()]
-    if missing:
-        click.echo(f"note: trusted key(s) {', '.join(missing)} not found: copy your public.pem there", err=True)
-    click.echo("then: systemctl daemon-reload && systemctl enable --now " + UNIT_NAME)
+def install_command(config_path: str, root: str, user: str, dry_run: bool) -> None:
+    """Set a device up: the agent's own user, state dir, config and a sandboxed systemd unit."""
+    if not USER_NAME.fullmatch(user):
+        raise ConfigError(f"--user {user!r}: use at most 31 lower-case letters, digits, '_' and '-', "
+                          "starting with a letter or '_'")
+    cfg = installed_config(load_config(config_path))
+    target = Target(Path(root))
+    account = ensure_account(target, user, cfg.state_dir, dry_run)
+    group = account.group if account is not None else user  # useradd --user-group and sysusers: the same name
+    supplementary = target.existing_groups(g for d in delegate_devices(cfg.delegate) for g in d.groups)
+    home_paths = [p for p in interpreter_paths() + _files_read(cfg) if _under(p, HOME_DIRS)]
+    unit = render_unit(cfg, user, group, supplementary, home_paths=home_paths)
+    for step in _install_steps(target, cfg, user, account, unit):
+        click.echo(f"{'would ' if dry_run else ''}{step.what}: {step.path}")
+        if not dry_run:
+            step.do()
+    _report(target, cfg, user, group, account is not None, dry_run)
 
 
 def _client(cfg: Any) -> Optional[Any]:

@@ -1,7 +1,7 @@
 """``AgentClient``: how applications on a device ask the agent for inferences.
 
     from agent import AgentClient
-    with AgentClient("/var/lib/edgesdk/agent.sock") as client:
+    with AgentClient("/run/edgesdk/agent.sock") as client:   # an installed agent; else <state_dir>/agent.sock
         (probs,) = client.predict("digits", [image])          # float in, float out
         (raw,) = client.predict("digits", [q_image], raw=True)  # integer I/O as the model has it
 
@@ -179,13 +179,31 @@ class AgentClient:
                     self._plans[key] = plan
             for i, view in plan.copies:
                 np.copyto(view, arrays[i])
-            send_parts(self._sock, [plan.head, *[payload(arrays[i]) for i in plan.inline]], plan.total)
+            try:
+                send_parts(self._sock, [plan.head, *[payload(arrays[i]) for i in plan.inline]], plan.total)
+            except OSError as exc:
+                raise self._closed(exc) from exc
             return self._response(Op.PREDICT)
 
     def _call(self, op: int, name: str = "") -> Any:
         with self._lock:
-            self._sock.sendall(request_head(op, name.encode()))
+            try:
+                self._sock.sendall(request_head(op, name.encode()))
+            except OSError as exc:
+                raise self._closed(exc) from exc
             return self._response(op)
+
+    def _closed(self, exc: OSError) -> InferenceError:
+        """The agent closed the connection before taking a request: what it said before closing
+        (it turns away connections beyond its limit with an error response), or that it closed."""
+        try:
+            self._response(Op.PING)
+        except InferenceError as said:
+            return said
+        except Exception:  # nothing buffered, or not a response: report the closed connection
+            pass
+        return InferenceError(f"the agent closed the connection ({exc.strerror or exc}): open a new AgentClient "
+                              "(is edgesdk agent run still running?)")
 
     def _response(self, op: int) -> Any:
         magic, head_len = HDR.unpack(self._reader.read(HDR.size))

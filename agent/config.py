@@ -21,6 +21,10 @@ Example (``edgesdk agent install`` writes one like it)::
     heartbeat_interval = 30.0             # seconds
     outbox_max = 10000                    # durable messages held while the fleet is unreachable
     work_slots = 0                        # fleet batch tasks run at once; 0 = pool_size
+    prefetch = 4                          # fleet batch tasks held queued beyond those running (0..64)
+    max_bundle_bytes = 536870912          # larger bundles are refused before any chunk is written (512 MiB)
+    max_task_bytes = 67108864             # bytes of large tasks' pieces held for reassembly at once (64 MiB)
+    local_api_max_connections = 64        # local API connections at once; more are refused with an error
     [tags]
     site = "berlin"
     hw = "coral"
@@ -74,6 +78,10 @@ class AgentConfig:
     heartbeat_interval: float = 30.0
     outbox_max: int = 10000
     work_slots: int = 0
+    prefetch: int = 4
+    max_bundle_bytes: int = 512 << 20
+    max_task_bytes: int = 64 << 20
+    local_api_max_connections: int = 64
     tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,11 +100,14 @@ class AgentConfig:
             raise ConfigError(f"broker_url {self.broker_url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
         if self.delegate not in DELEGATES:
             raise ConfigError(f"delegate {self.delegate!r}: choose one of {', '.join(DELEGATES)}")
-        for name in ("threads", "pool_size", "outbox_max"):
+        for name in ("threads", "pool_size", "outbox_max", "max_bundle_bytes", "max_task_bytes",
+                     "local_api_max_connections"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if int(self.work_slots) < 0:
             raise ConfigError("work_slots must be 0 (= pool_size) or more")
+        if not 0 <= int(self.prefetch) <= 64:
+            raise ConfigError("prefetch must be 0..64 (tasks held queued beyond those running)")
         if self.heartbeat_interval <= 0:
             raise ConfigError("heartbeat_interval must be positive (seconds)")
         if bool(self.client_cert) != bool(self.client_key):
@@ -183,7 +194,8 @@ def load_config(path: Optional[os.PathLike | str] = None, env: Optional[Mapping[
                 raise ConfigError(f"EDGESDK_{name.upper()}={raw!r}: {exc}") from exc
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        for name in ("threads", "pool_size", "metrics_port", "outbox_max", "work_slots"):
+        for name in ("threads", "pool_size", "metrics_port", "outbox_max", "work_slots", "prefetch", "max_bundle_bytes",
+                     "max_task_bytes", "local_api_max_connections"):
             if name in data:
                 data[name] = int(data[name])
         if "heartbeat_interval" in data:

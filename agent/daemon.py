@@ -15,13 +15,14 @@ requests in flight finish on the old version while new ones go to the new one.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from .installer import PreparedInstall, compare_latency, prepare_install
 from .localapi import LocalApiServer
 from .metrics import MetricsServer, prometheus_text
 from .serving import ActiveModel, Inputs
-from .store import ModelStore
+from .store import SPARE_BYTES, ModelStore
 
 log = logging.getLogger("edgesdk.agent")
 
@@ -62,12 +63,17 @@ class Agent:
         self._metrics: Optional[MetricsServer] = None
         self.started_at = time.time()
         self.result_sink: Optional[Callable[[str, list[np.ndarray], str], Any]] = None
+        #: messages dropped per channel (undecodable, hostile, or for nothing running); the link counts
+        #: into it, the metrics endpoint shows it
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._dropped_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, *, local_api: bool = True) -> "Agent":
         self.load_active()
         if local_api:
-            self._local = LocalApiServer(self.config.socket_path, self.predict, self.models, self._rollback_summary)
+            self._local = LocalApiServer(self.config.socket_path, self.predict, self.models, self._rollback_summary,
+                                         model=self.model, max_connections=self.config.local_api_max_connections)
             self._local.start()
         if self.config.metrics_port:
             self._metrics = MetricsServer(self.config.metrics_port, self.metrics_text)
@@ -109,13 +115,14 @@ class Agent:
         return m
 
     def predict(self, name: str, inputs: Inputs, *, raw: bool = False, publish_key: Optional[str] = None,
-                reply: Optional[Callable[[list[np.ndarray]], None]] = None) -> list[np.ndarray]:
+                reply: Optional[Callable[[list[np.ndarray]], None]] = None,
+                quant: Sequence[Optional[Sequence[float]]] = ()) -> list[np.ndarray]:
         """Run one request on the active version of ``name``; with ``publish_key`` also send the
         result to the fleet durably (needs a running link; raises BackpressureError when full).
         ``reply`` (the local API's) gets the outputs before the bookkeeping; when publishing,
-        only once the outbox has taken the result."""
+        only once the outbox has taken the result. ``quant``: see :meth:`ActiveModel.predict`."""
         if publish_key is None:
-            return self.model(name).predict(inputs, raw=raw, reply=reply)
+            return self.model(name).predict(inputs, raw=raw, reply=reply, quant=quant)
         if self.result_sink is None:
             raise InferenceError("publishing results needs the MQTT link (edgesdk agent run)")
         outputs = self.model(name).predict(inputs, raw=raw)
@@ -141,23 +148,33 @@ class Agent:
                 "previous": self.store.previous(name),
                 "stored": self.store.versions(name),
                 "delegate": m.delegate if m else None,
-                "inputs": [str(t.get("name")) for t in m.manifest.get("inputs", [])] if m else [],
+                "inputs": [str(t.get("key") or t.get("name")) for t in m.manifest.get("inputs", [])] if m else [],
+                "outputs": [str(t.get("key") or t.get("name")) for t in m.manifest.get("outputs", [])] if m else [],
                 "stats": m.stats.summary() if m else None,
             })
         return out
 
+    def count_dropped(self, channel: str) -> None:
+        """Count one message dropped on ``channel`` (thread-safe)."""
+        with self._dropped_lock:
+            self.dropped[channel] += 1
+
     def metrics_text(self) -> str:
         with self._lock:
             loaded = dict(self._models)
-        return prometheus_text({n: (m.version, m.stats) for n, m in loaded.items()})
+        with self._dropped_lock:
+            dropped = dict(self.dropped)
+        return prometheus_text({n: (m.version, m.stats) for n, m in loaded.items()}, dropped)
 
     # --- installs ------------------------------------------------------------------------------
     def _prepare(self, raw: bytes, source: str) -> PreparedInstall:
         return prepare_install(raw, self.trusted, self.runtime, delegate=self.config.delegate, options=self.options,
                                pool_size=self.config.pool_size, source=source)
 
-    def install(self, bundle: Union[bytes, str, os.PathLike]) -> dict[str, Any]:
-        """Verify, load, health-check and activate a bundle; on any failure the old model stays."""
+    def install(self, bundle: Union[bytes, str, os.PathLike], *,
+                expected: Optional[tuple[str, str]] = None) -> dict[str, Any]:
+        """Verify, load, health-check and activate a bundle; on any failure the old model stays.
+        ``expected``: the ``(name, version)`` a command announced; a bundle that is another one is refused."""
         if isinstance(bundle, (str, os.PathLike)):
             try:
                 raw, source = Path(bundle).read_bytes(), str(bundle)
@@ -168,6 +185,9 @@ class Agent:
         with self._install_lock:
             prepared = self._prepare(raw, source)
             name, version = prepared.name, prepared.version
+            if expected is not None and (name, version) != tuple(expected):
+                raise InstallError(f"the bundle is {name}@{version}, the install command named "
+                                   f"{expected[0]}@{expected[1]}: refused (check the rollout's model and version)")
             previous = self.store.active(name)
             summary = prepared.summary()
             old = self._models.get(name)
@@ -187,10 +207,17 @@ class Agent:
     def rollback(self, name: str, to_version: Optional[str] = None) -> dict[str, Any]:
         """Reactivate the previous (or a given stored) version of ``name``."""
         with self._install_lock:
-            target = to_version or self.store.previous(name)
+            stored = self.store.versions(name)  # InstallError for a name that cannot be one
             current = self.store.active(name)
+            if not stored:
+                models = ", ".join(self.store.names()) or "none"
+                raise InstallError(f"no model named {name!r} on this device (models: {models})")
+            target = to_version or self.store.previous(name)
             if not target:
-                raise InstallError(f"{name} has no previous version to roll back to")
+                raise InstallError(f"{name} has no previous version to roll back to (stored: {', '.join(stored)})")
+            if target not in stored:
+                raise InstallError(f"{name}@{target} is not stored on this device (stored: {', '.join(stored)}): "
+                                   f"roll back to one of those, or install {name}@{target}")
             try:
                 raw = self.store.bundle_path(name, target).read_bytes()
             except OSError as exc:
@@ -206,9 +233,11 @@ class Agent:
         return self.rollback(name)
 
     def _ensure_disk(self, needed: int) -> None:
+        """The store writes the bundle once (temp file, then renamed) and keeps SPARE_BYTES free."""
         free = shutil.disk_usage(self.store.root).free
-        if free < 2 * needed:
-            raise InstallError(f"not enough disk: {free} bytes free under {self.store.root}, need {2 * needed}")
+        if free < needed + SPARE_BYTES:
+            raise InstallError(f"not enough disk: {free} bytes free under {self.store.root}, need {needed + SPARE_BYTES} "
+                               f"({needed} for the bundle, {SPARE_BYTES} spare): free up space on the device")
 
     def delegates(self) -> list[str]:
         return available_delegates(self.options)

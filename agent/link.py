@@ -5,12 +5,38 @@ the durable outbox sender.
   runtime, delegates, active models, tags, free disk); the Last-Will is the same with
   ``online=False``, so a killed agent shows offline within moments.
 * Heartbeats every ``heartbeat_interval`` with each model's latency percentiles and counters.
-* Commands (``cmd``): install (transfer the chunks this device lacks, then verify/install),
-  rollback, and the fleet's acks that clear the outbox. Work runs off paho's thread.
+* Commands (``cmd``): install (transfer the chunks this device lacks, pipelined: at most the
+  command's ``window`` of chunks asked for and not yet received, more asked for as they arrive,
+  what is in flight asked for again after a reconnect or ``chunk_timeout`` without a chunk; see
+  :mod:`sdk.chunkflow`; then verify/install),
+  rollback, and the fleet's acks that clear the outbox. Work runs off paho's thread. One
+  transfer per bundle: a repeated install command joins the transfer or install running for
+  that bundle, and every rollout that asked hears the outcome. A command naming a model or
+  version the device does not have, a bundle over ``max_bundle_bytes`` or one the free disk
+  cannot hold is refused with a FAILED install status saying why, before anything is written.
+* Delta updates: an install command may offer a delta against a bundle the device holds. The
+  link then fetches the delta's chunks (the same :class:`Transfer`, for the delta's sha256 and
+  size), finds the base by sha256 in the model store, rebuilds the bundle with
+  :func:`sdk.delta.apply_delta` (output bounded by the bundle's size, checked against its
+  sha256) and installs it exactly as a full one. No base, a delta that does not apply or a
+  wrong result: a DOWNLOADING status with ``fallback`` and the reason, then the full bundle.
+* Nothing from the network is trusted: every message on every channel is decoded through
+  :mod:`sdk.protocol`; one that does not decode, or whose processing fails, is logged, counted
+  in :attr:`AgentLink.dropped` under its channel (the agent's metrics show it) and dropped,
+  and the messages behind it are processed as usual. Chunks for no running transfer are
+  dropped and counted too.
+* Large tasks come in pieces (:class:`~sdk.protocol.TaskPiece`) when one task frame is larger
+  than the broker's packet limit; :class:`sdk.pieces.Reassembler` holds them within
+  ``max_task_bytes`` and a timeout, checks the whole against its sha256, and the task runs as
+  one that came whole; every refused piece is dropped and counted under ``task-piece``.
 * Batch work (``task``): the agent announces its free slots (:class:`~sdk.protocol.WorkRequest`)
   on connect, when a task finishes, when its models change and every ``announce_interval``
-  seconds while it has free slots; it runs at most ``work_slots`` tasks at once and sends each
-  :class:`~sdk.protocol.TaskResult` through the outbox. A full outbox announces zero free slots.
+  seconds while it has free slots; it runs at most ``work_slots`` tasks at once and holds up to
+  ``prefetch`` more queued (announced, so the fleet sends the next task before this one ends);
+  a task runs as one batch (:meth:`agent.serving.ActiveModel.predict_batch`: one ``invoke`` where
+  the model's batch dimension is dynamic). Each :class:`~sdk.protocol.TaskResult` (a binary
+  frame) goes through the outbox; results that finish while the last ones are being written are
+  stored together, in one transaction, by a writer thread. A full outbox announces zero free slots.
 * Outbox sender: publishes what the outbox holds, again after every reconnect, whenever a new
   fleet session appears on the fleet's presence topic, and after ``resend_after`` seconds
   without an ack.
@@ -22,14 +48,17 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 import sdk
+from sdk import delta as delta_mod
 from sdk import protocol as proto
-from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, ProtocolError
+from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, InstallError, ProtocolError
 from sdk.mqtt import MqttConnection, MqttSettings
+from sdk.pieces import PieceRefused, Reassembler
 
 from .daemon import Agent
 from .outbox import Outbox
@@ -38,6 +67,27 @@ from .transfer import Transfer
 log = logging.getLogger("edgesdk.agent.link")
 
 __all__ = ["AgentLink"]
+
+
+@dataclass
+class _Running:
+    """A bundle being received or installed: at most one per bundle sha256. ``transfer`` fetches
+    the blob that travels (the bundle itself, or a delta against ``base``); ``command`` is the
+    install command of the bundle."""
+
+    transfer: Transfer
+    rollouts: list[Optional[str]]  # every rollout that asked for it hears the outcome
+    seen: float  # last progress (monotonic), for the watchdog's re-requests
+    installing: bool = False
+    command: Optional[proto.InstallCommand] = None  # the bundle's command (None: the transfer's own)
+
+    @property
+    def install(self) -> proto.InstallCommand:
+        return self.command or self.transfer.command
+
+    @property
+    def via_delta(self) -> bool:
+        return self.transfer.command.bundle_sha256 != self.install.bundle_sha256
 
 
 class AgentLink:
@@ -50,6 +100,8 @@ class AgentLink:
         connection_factory: Callable[..., MqttConnection] = MqttConnection,
         protocol: str = "auto",
         announce_interval: float = 5.0,
+        piece_timeout: float = 120.0,
+        prefetch: Optional[int] = None,
     ) -> None:
         self.agent = agent
         cfg = agent.config
@@ -67,13 +119,35 @@ class AgentLink:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._installs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgesdk-install")
-        self._transfers: dict[str, tuple[Transfer, float]] = {}
+        self._transfers: dict[str, _Running] = {}
         self._tlock = threading.Lock()
         self.capacity = cfg.work_slots or cfg.pool_size
         self.announce_interval = announce_interval
+        #: tasks held queued beyond those running, so the next one is already here when one ends
+        #: (announced in every WorkRequest; the fleet never has more than capacity + prefetch out)
+        self.prefetch = max(0, min(proto.MAX_PREFETCH, cfg.prefetch if prefetch is None else prefetch))
         self._tasks = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="edgesdk-task")
         self._running: set[str] = set()
+        #: finished tasks' results (topic, payload, message id, task id) waiting for the writer, which
+        #: stores whatever has gathered in one outbox transaction: one sync to disk for many tasks,
+        #: off the task thread, which goes on with the next (prefetched) task meanwhile
+        self._results: list[tuple[str, bytes, str, str]] = []
+        self._results_cv = threading.Condition()
+        self._results_closed = False
+        self._writer: Optional[threading.Thread] = None
         self._fleet_session = ""
+        #: pieces of tasks too large for one MQTT message, held until whole (bounded: sdk.pieces)
+        self.pieces = Reassembler(max_bytes=cfg.max_task_bytes, max_tasks=max(4, 2 * self.capacity),
+                                  timeout_s=piece_timeout, on_discard=lambda why: self._drop("task-piece", why))
+        #: messages dropped per channel (``cmd``, ``chunk``, ``task``, ``fleet``; ``chunk-no-transfer``,
+        #: ``chunk-corrupt``): the agent's counter, shown on its metrics endpoint
+        self.dropped = agent.dropped
+        #: channel -> (its decoder in sdk.protocol, what processes the decoded message)
+        self._channels: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], None]]] = {
+            "cmd": (proto.decode, self._on_command), "chunk": (proto.Chunk.from_payload, self._on_chunk),
+            "task": (proto.decode_task_channel, self._on_task_or_piece),
+            "fleet": (proto.FleetStatus.from_payload, self._on_fleet_status),
+        }
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "AgentLink":
@@ -87,6 +161,8 @@ class AgentLink:
             t = threading.Thread(target=target, name=f"edgesdk-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._writer = threading.Thread(target=self._write_results, name="edgesdk-results", daemon=True)
+        self._writer.start()
         return self
 
     def stop(self) -> None:
@@ -97,6 +173,11 @@ class AgentLink:
             t.join(5)
         self._installs.shutdown(wait=True)
         self._tasks.shutdown(wait=True)
+        with self._results_cv:  # the tasks have finished: their results are stored before the outbox closes
+            self._results_closed = True
+            self._results_cv.notify_all()
+        if self._writer is not None:
+            self._writer.join(10)
         if self.conn is not None:
             offline = (proto.topic(self.device, "status"), self._status(online=False).to_payload(), 1, True)
             self.conn.stop(publish_before=offline)
@@ -109,6 +190,7 @@ class AgentLink:
             device=self.device, online=online, agent_version=sdk.__version__, runtime=d["runtime"],
             delegates=self.agent.delegates(), models=d["models"], tags=d["tags"],
             free_disk_bytes=int(d["free_disk_bytes"]), accepting_work=not self.outbox.full,
+            bundles=sorted(self.agent.store.held())[: proto.MAX_HELD_BUNDLES],
         )
 
     def publish_status(self) -> None:
@@ -123,19 +205,18 @@ class AgentLink:
         new fleet session appears)."""
         self.outbox.reset_sent()
         with self._tlock:
-            transfers = [t for t, _ in self._transfers.values()]
+            transfers = [r.transfer for r in self._transfers.values() if not r.installing]
         for t in transfers:
-            self._request_chunks(t)
+            self._request_chunks(t, restart=True)  # what was in flight may be lost with the connection
         self.announce_work()
 
     # --- batch work ----------------------------------------------------------------------------
     def _work_request(self) -> proto.WorkRequest:
         models = self.agent.active_versions()  # after every task: no latency quantiles computed here
         with self._tlock:
-            running = sorted(self._running)
-        free = self.capacity - len(running) if models and not self.outbox.full and not self._stop.is_set() else 0
-        return proto.WorkRequest(device=self.device, models=models, capacity=self.capacity, free=max(0, free),
-                                 running=running)
+            held = list(self._running)
+        return proto.WorkRequest.of_device(self.device, models, self.capacity, self.prefetch, held,
+                                           accepting=not self.outbox.full and not self._stop.is_set())
 
     def announce_work(self) -> None:
         """Tell the fleet how many tasks this agent can take now (not durable: re-sent periodically)."""
@@ -144,13 +225,28 @@ class AgentLink:
         except BrokerError as exc:
             log.debug("work announcement deferred: %s", exc)
 
+    def _on_task_or_piece(self, msg: "proto.Task | proto.TaskPiece") -> None:
+        """A task, or a piece of one: pieces are held (bounded) until the whole task is there and
+        matches its sha256, then it runs as any task; a refused piece is dropped and counted
+        (``task-piece``), and so is a partial task that timed out."""
+        if isinstance(msg, proto.Task):
+            self._on_task(msg)
+            return
+        try:
+            whole = self.pieces.add(msg)
+        except PieceRefused as exc:
+            self._drop("task-piece", str(exc))
+            return
+        if whole is not None:
+            self._on_task(proto.Task.from_payload(whole))
+
     def _on_task(self, task: proto.Task) -> None:
         with self._tlock:
             if task.id in self._running:
                 return  # a duplicate delivery of a task already running
-            # the fleet keeps at most `capacity` tasks outstanding; a few more can arrive when a
-            # re-dispatched task's first result came back early, so queue up to 4x before declining
-            if self.outbox.full or len(self._running) >= 4 * self.capacity:
+            # the fleet keeps at most capacity + prefetch tasks outstanding; a few more can arrive
+            # when a re-dispatched task's first result came back early: room for those, then declined
+            if self.outbox.full or proto.WorkRequest.holds_too_many(len(self._running), self.capacity, self.prefetch):
                 log.warning("declined task %s of job %s: %s", task.id, task.job,
                             "outbox full" if self.outbox.full else "too many tasks queued")
                 declined = True
@@ -166,30 +262,59 @@ class AgentLink:
         t0 = time.perf_counter()
         version, outputs, error = "", [], ""
         try:
-            model = self.agent.model(task.model)
+            model = self.agent.model(task.model)  # one model object: the version reported is the one that ran
             version = model.version
-            per_sample = [self.agent.predict(task.model, [x[i : i + 1] for x in task.inputs]) for i in range(task.count)]
-            outputs = [proto.Result.encode_tensor(np.concatenate([ys[k] for ys in per_sample], axis=0))
-                       for k in range(len(per_sample[0]))] if per_sample else []
+            outputs = model.predict_batch(task.inputs, quant=task.quant)  # whole arrays, one invoke where it can
         except EdgeSdkError as exc:
             error = str(exc)
         except Exception as exc:  # a bug on one task must not stop the worker
             log.exception("task %s failed", task.id)
             error = f"agent error: {type(exc).__name__}: {exc}"
         msg = proto.TaskResult(device=self.device, job=task.job, task=task.id, model=task.model, version=version,
-                               outputs=outputs, error=error, elapsed_s=time.perf_counter() - t0, samples=task.count)
+                               outputs=outputs, error=proto.clip_text(error), elapsed_s=time.perf_counter() - t0,
+                               samples=task.count)
         try:
             try:
-                self.send_durable(msg)
+                topic, payload = self._durable_payload(msg)
             except BrokerError as exc:  # too large for the broker: report that instead of the outputs
                 msg.outputs, msg.error = [], f"{exc}: run the job with a smaller --batch-size"
-                self.send_durable(msg)
-        except BackpressureError as exc:
-            log.error("task %s of job %s: result not queued (%s); the fleet will re-dispatch it", task.id, task.job, exc)
-        finally:
-            with self._tlock:
-                self._running.discard(task.id)
-            self.announce_work()
+                topic, payload = self._durable_payload(msg)
+        except Exception as exc:  # (an error result always fits) a bug must not leave the task held
+            log.exception("task %s of job %s: no result could be made; the fleet will re-dispatch it", task.id, task.job)
+            self._release([task.id])
+            return
+        with self._results_cv:
+            self._results.append((topic, payload, msg.id, task.id))
+            self._results_cv.notify()
+
+    def _write_results(self) -> None:
+        """The result writer: stores the results gathered since its last write in one outbox
+        transaction, then frees their tasks' slots and announces them (until the link stops and
+        every task has finished)."""
+        while True:
+            with self._results_cv:
+                while not self._results and not self._results_closed:
+                    self._results_cv.wait()
+                batch, self._results = self._results, []
+                if not batch and self._results_closed:
+                    return
+            try:
+                self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch])
+            except BackpressureError as exc:  # stored one by one: as many as fit, the rest re-dispatched
+                for topic, payload, mid, task_id in batch:
+                    try:
+                        self.outbox.put(mid, topic, payload)
+                    except BackpressureError:
+                        log.error("task %s: result not queued (%s); the fleet will re-dispatch it", task_id, exc)
+            except Exception:  # the disk failed: the fleet re-dispatches these tasks when their leases end
+                log.exception("results of %d task(s) could not be stored", len(batch))
+            self._release([task_id for *_, task_id in batch])
+
+    def _release(self, task_ids: list[str]) -> None:
+        """These tasks are over (their results stored, or lost to be re-dispatched): free their slots."""
+        with self._tlock:
+            self._running.difference_update(task_ids)
+        self.announce_work()
 
     def _heartbeats(self) -> None:
         interval = self.agent.config.heartbeat_interval
@@ -209,12 +334,17 @@ class AgentLink:
         """Queue a message in the outbox; returns its id. Raises BackpressureError when the outbox
         is full and BrokerError when the message could never pass the broker's packet limit (an
         oversized message must not sit in the outbox blocking everything behind it)."""
+        topic, payload = self._durable_payload(message)
+        self.outbox.put(message.id, topic, payload)
+        return message.id
+
+    def _durable_payload(self, message: proto.Message) -> tuple[str, bytes]:
+        """The topic and payload of a durable message; BrokerError when it exceeds the packet limit."""
         topic, payload = proto.topic(self.device, "up"), message.to_payload()
         limit = self.conn.max_packet if self.conn is not None else self.settings.max_packet_size
         if len(payload) + len(topic) + 16 > limit:
             raise BrokerError(f"{message.TYPE} message of {len(payload)} bytes exceeds the broker's packet limit of {limit}")
-        self.outbox.put(message.id, topic, payload)
-        return message.id
+        return topic, payload
 
     def publish_result(self, model: str, outputs: Sequence[np.ndarray], *, key: str = "",
                        meta: Optional[dict[str, Any]] = None) -> str:
@@ -251,38 +381,48 @@ class AgentLink:
             raise BrokerError("not started")
         self.conn.publish(topic, payload, qos=qos, retain=retain)
 
-    # --- commands ---------------------------------------------------------------------------------
+    # --- incoming messages -----------------------------------------------------------------------
     def _handle(self, topic: str, payload: bytes) -> None:
-        if topic == proto.fleet_topic():
-            self._on_fleet_status(payload)
-            return
-        _, channel = proto.parse_topic(topic)
-        if channel == "chunk":
-            self._on_chunk(proto.Chunk.from_payload(payload))
-            return
-        if channel == "task":
-            self._on_task(proto.Task.from_payload(payload))
-            return
+        """Every incoming message, on every channel, is decoded through :mod:`sdk.protocol` and then
+        dispatched; whatever fails (a ProtocolError, or any error processing it) is logged, counted
+        in :attr:`dropped` under its channel, and never stops the messages behind it."""
+        channel = self._channel(topic)
         try:
-            msg = proto.decode(payload)
+            entry = self._channels.get(channel)
+            if entry is None:
+                raise ProtocolError(f"no messages are expected on {topic!r}")
+            decode, process = entry
+            process(decode(payload))
         except ProtocolError as exc:
-            log.warning("ignored a malformed command: %s", exc)
-            return
+            self._drop(channel, f"{exc}")
+        except Exception as exc:  # a failure on one message must not stall the link
+            log.debug("processing a %s message failed", channel, exc_info=True)
+            self._drop(channel, f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _channel(topic: str) -> str:
+        if topic == proto.fleet_topic():
+            return "fleet"
+        try:
+            return proto.parse_topic(topic)[1]
+        except ProtocolError:
+            return "unknown"
+
+    def _drop(self, channel: str, why: str) -> None:
+        log.warning("dropped a message on %s: %s", channel, why)
+        self.agent.count_dropped(channel)
+
+    def _on_command(self, msg: proto.Message) -> None:
         if isinstance(msg, proto.Ack):
-            self.outbox.ack(msg.ack_ids)
+            self.outbox.ack(i for i in msg.ack_ids if isinstance(i, str))
         elif isinstance(msg, proto.InstallCommand):
             self._on_install(msg)
         elif isinstance(msg, proto.RollbackCommand):
             self._installs.submit(self._do_rollback, msg)
         else:
-            log.warning("ignored unexpected %s message on cmd", msg.TYPE)
+            raise ProtocolError(f"a {msg.TYPE} message is not a command")
 
-    def _on_fleet_status(self, payload: bytes) -> None:
-        try:
-            msg = proto.FleetStatus.from_payload(payload)
-        except ProtocolError as exc:
-            log.warning("ignored a malformed fleet status: %s", exc)
-            return
+    def _on_fleet_status(self, msg: proto.FleetStatus) -> None:
         if msg.online and msg.session != self._fleet_session:
             first = not self._fleet_session
             self._fleet_session = msg.session
@@ -292,16 +432,33 @@ class AgentLink:
 
     def _report(self, state: str, model: str, version: str, reason: str = "", rollout: Optional[str] = None,
                 previous: Optional[str] = None, p50_ms: Optional[float] = None,
-                previous_p50_ms: Optional[float] = None) -> None:
-        status = proto.InstallStatus(device=self.device, model=model, version=version, state=state, reason=reason,
-                                     rollout=rollout, previous_version=previous, p50_ms=p50_ms,
-                                     previous_p50_ms=previous_p50_ms)
+                previous_p50_ms: Optional[float] = None, **transfer: Any) -> None:
+        """Queue an install status; ``transfer``: its ``bundle_sha256``, ``via`` and ``fallback``."""
         try:
+            status = proto.InstallStatus(device=self.device, model=model, version=version, state=state,
+                                         reason=proto.clip_text(reason),
+                                         rollout=rollout, previous_version=previous, p50_ms=p50_ms,
+                                         previous_p50_ms=previous_p50_ms, **transfer)
             self.send_durable(status)
         except BackpressureError:
             log.error("outbox full: could not queue install status %s %s@%s", state, model, version)
+        except (ProtocolError, BrokerError) as exc:  # e.g. a command whose ids cannot be sent back
+            log.warning("could not report install status %s for %r@%r: %s", state, model, version, exc)
 
+    # --- installs --------------------------------------------------------------------------------
     def _on_install(self, cmd: proto.InstallCommand) -> None:
+        """Start (or join) the transfer of ``cmd``'s bundle; a command the agent cannot follow
+        (a value that cannot name a file, over a limit, no disk space) is refused with FAILED."""
+        try:
+            self._start_install(cmd)
+        except ProtocolError as exc:
+            self.agent.count_dropped("cmd")
+            log.warning("refused an install command: %s", exc)
+            self._report("FAILED", cmd.model, cmd.version, f"refused: {exc}", cmd.rollout)
+        except EdgeSdkError as exc:
+            self._report("FAILED", cmd.model, cmd.version, str(exc), cmd.rollout)
+
+    def _start_install(self, cmd: proto.InstallCommand) -> None:
         if self.agent.store.active(cmd.model) == cmd.version:
             self._report("SUCCEEDED", cmd.model, cmd.version, "already active", cmd.rollout,
                          self.agent.store.previous(cmd.model))
@@ -312,78 +469,221 @@ class AgentLink:
                          f"incompatible: needs TFLite runtime {cmd.min_runtime_version}, device has {rt.name} "
                          f"{rt.version} (TFLite {rt.tflite_version})", cmd.rollout)
             return
-        transfer = Transfer(self.agent.config.state_dir, cmd)
         with self._tlock:
-            self._transfers[cmd.bundle_sha256] = (transfer, time.monotonic())
-        self._report("DOWNLOADING", cmd.model, cmd.version, f"{len(transfer.missing())} of {transfer.count} chunks to fetch",
-                     cmd.rollout)
+            running = self._running_for(cmd.bundle_sha256)
+            if running is not None:
+                self._join(running, cmd)
+                return
+        blob, note = self._delta_plan(cmd)
+        self._open_transfer(cmd, blob, [cmd.rollout], note)
+
+    def _running_for(self, bundle_sha256: str) -> Optional["_Running"]:
+        """The transfer or install running for bundle ``bundle_sha256`` (whole or as a delta);
+        called under ``_tlock``."""
+        for r in self._transfers.values():
+            if r.install.bundle_sha256 == bundle_sha256:
+                return r
+        return None
+
+    def _delta_plan(self, cmd: proto.InstallCommand) -> tuple[proto.InstallCommand, str]:
+        """What to fetch for ``cmd``: the delta's blob when the command offers a delta and the
+        device holds its base (looked up by sha256 in its own store) and can apply its method;
+        else the full bundle, with the reason the delta is not used."""
+        d = cmd.delta
+        if d is None:
+            return cmd, ""
+        if not delta_mod.available(d["method"]):
+            return cmd, f"this agent cannot apply {d['method']} deltas"
+        if self.agent.store.find(cmd.model, d["base_sha256"]) is None:
+            return cmd, f"the delta's base bundle {d['base_sha256'][:12]} is not on this device"
+        return cmd.delta_blob(), ""
+
+    def _open_transfer(self, cmd: proto.InstallCommand, blob: proto.InstallCommand, rollouts: list[Optional[str]],
+                       note: str = "") -> None:
+        """Start fetching ``blob`` (``cmd``'s bundle, or its delta) for ``rollouts``. The full
+        bundle's limits and disk space are checked either way, so a delta that fails can fall back."""
+        cfg = self.agent.config
+        with self._tlock:
+            reserved = sum(r.transfer.needed_bytes() for r in self._transfers.values())
+        if blob is not cmd:
+            full = Transfer(cfg.state_dir, cmd)
+            full.check_limits(cfg.max_bundle_bytes)
+            full.check_space(reserved + blob.bundle_size)
+        transfer = Transfer.open(cfg.state_dir, blob, max_bundle_bytes=cfg.max_bundle_bytes, reserved_bytes=reserved)
+        running = _Running(transfer, list(rollouts), time.monotonic(), command=cmd)
+        with self._tlock:
+            self._transfers[blob.bundle_sha256] = running
+        via = "delta" if running.via_delta else "full"
+        what = (f"a {cmd.delta['method']} delta of {blob.bundle_size} bytes against {cmd.delta['base_sha256'][:12]} "
+                f"instead of the {cmd.bundle_size}-byte bundle: " if running.via_delta else "")
+        extra = f" (delta not used: {note})" if note else ""
+        for rollout in rollouts:
+            self._report("DOWNLOADING", cmd.model, cmd.version,
+                         f"{what}{len(transfer.missing())} of {transfer.count} chunks to fetch{extra}", rollout,
+                         bundle_sha256=cmd.bundle_sha256, via=via, fallback=bool(note))
         if transfer.complete:
-            self._finish(transfer)
+            self._start_finish(running)
         else:
             self._request_chunks(transfer)
 
-    def _request_chunks(self, transfer: Transfer) -> None:
-        missing = transfer.missing()
-        if not missing:
+    def _join(self, running: "_Running", cmd: proto.InstallCommand) -> None:
+        """A repeated install command for a bundle already transferring or installing (called under
+        ``_tlock``): it joins that one, and its rollout hears the outcome."""
+        first = running.install
+        same = (cmd.model, cmd.version, cmd.bundle_size, cmd.chunk_size) == (first.model, first.version,
+                                                                              first.bundle_size, first.chunk_size)
+        if not same:
+            raise InstallError(
+                f"bundle {cmd.bundle_sha256[:12]} is already being received as {first.model}@{first.version} "
+                f"({first.bundle_size} bytes in chunks of {first.chunk_size}); this command names {cmd.model}@"
+                f"{cmd.version} ({cmd.bundle_size} bytes in chunks of {cmd.chunk_size}): refused")
+        if cmd.rollout not in running.rollouts:
+            running.rollouts.append(cmd.rollout)
+        if running.installing:
+            self._report("VERIFYING", cmd.model, cmd.version, "joined the install already running", cmd.rollout)
             return
-        req = proto.ChunkRequest(device=self.device, bundle_sha256=transfer.command.bundle_sha256, indices=missing)
+        t = running.transfer
+        self._report("DOWNLOADING", cmd.model, cmd.version,
+                     f"joined the running transfer: {t.count - len(t.missing())} of {t.count} chunks held", cmd.rollout)
+        running.seen = time.monotonic()
+        self._request_chunks(t, restart=True)  # a repeated command: the fleet may have restarted
+
+    def _request_chunks(self, transfer: Transfer, *, restart: bool = False) -> None:
+        """Ask for the chunks the transfer's window allows now (none while more than half of it is
+        in flight); ``restart``: first presume what is in flight lost, so it is asked for again."""
+        if restart:
+            transfer.window.restart()
+        indices = transfer.window.take()
+        if not indices:
+            return
+        req = proto.ChunkRequest(device=self.device, bundle_sha256=transfer.command.bundle_sha256, indices=indices)
         try:
             self._publish(proto.topic(self.device, "up"), req.to_payload())
-        except BrokerError as exc:
+        except BrokerError as exc:  # not connected: asked again on reconnect (or by the watchdog)
+            transfer.window.restart()
             log.debug("chunk request deferred: %s", exc)
 
     def _on_chunk(self, chunk: proto.Chunk) -> None:
         with self._tlock:
-            entry = self._transfers.get(chunk.bundle_sha256)
-        if entry is None:
+            running = self._transfers.get(chunk.bundle_sha256)
+            if running is None or running.installing:
+                running = None
+        if running is None:
+            self._drop("chunk-no-transfer", f"chunk {chunk.index} of {chunk.bundle_sha256[:12]}: no transfer running")
             return
-        transfer, _ = entry
+        transfer = running.transfer
         if not transfer.add(chunk):
-            log.warning("discarded a corrupt chunk %d of %s", chunk.index, chunk.bundle_sha256[:12])
+            self._drop("chunk-corrupt", f"chunk {chunk.index} of {chunk.bundle_sha256[:12]} does not match its "
+                                        "sha256 or length (or came after the transfer ended)")
             return
-        with self._tlock:
-            if chunk.bundle_sha256 in self._transfers:
-                self._transfers[chunk.bundle_sha256] = (transfer, time.monotonic())
+        running.seen = time.monotonic()
         if transfer.complete:
-            with self._tlock:
-                self._transfers.pop(chunk.bundle_sha256, None)
-            self._installs.submit(self._finish, transfer)
+            self._start_finish(running)
+        else:
+            self._request_chunks(transfer)  # refill the window: the next chunks are on their way
+
+    def _start_finish(self, running: "_Running") -> None:
+        """Hand a complete transfer to the install thread, once."""
+        with self._tlock:
+            if running.installing:
+                return
+            running.installing = True
+        self._installs.submit(self._finish, running)
 
     def _watchdog(self) -> None:
         last_announce = time.monotonic()
         while not self._stop.wait(1.0):
             now = time.monotonic()
+            self.pieces.expire()  # partial tasks whose pieces stopped coming: dropped and counted
             if now - last_announce >= self.announce_interval:
                 last_announce = now
                 if self.conn is not None and self.conn.connected.is_set() and self._work_request().free:
                     self.announce_work()
             with self._tlock:
-                stale = [t for t, seen in self._transfers.values() if now - seen > self.chunk_timeout]
-                for t in stale:
-                    self._transfers[t.command.bundle_sha256] = (t, now)
-            for t in stale:
-                self._request_chunks(t)
+                stale = [r for r in self._transfers.values() if not r.installing and now - r.seen > self.chunk_timeout]
+                for r in stale:
+                    r.seen = now
+            for r in stale:  # no chunk for chunk_timeout: what is in flight is presumed lost
+                self._request_chunks(r.transfer, restart=True)
 
-    def _finish(self, transfer: Transfer) -> None:
-        cmd = transfer.command
+    def _rebuild(self, running: "_Running") -> bytes:
+        """The bundle from a complete delta transfer: the base read from this device's own store
+        by its sha256, the delta applied with the output bounded by the bundle's declared size,
+        the result checked against the bundle's size and sha256. Raises DeltaError."""
+        cmd, d = running.install, running.install.delta
         try:
-            data = transfer.assemble()
-            result = self.agent.install(data)
+            patch = running.transfer.assemble()
+        except InstallError as exc:
+            raise delta_mod.DeltaError(f"the delta did not arrive intact ({exc})") from exc
+        base = self.agent.store.find(cmd.model, d["base_sha256"])
+        if base is None:
+            raise delta_mod.DeltaError(f"the delta's base bundle {d['base_sha256'][:12]} is no longer on this device")
+        return delta_mod.apply_delta(base, patch, d["method"], size=cmd.bundle_size, sha256=cmd.bundle_sha256)
+
+    def _finish(self, running: "_Running") -> None:
+        """Reassemble (or rebuild from a delta), verify and install a complete transfer; report the
+        outcome to every rollout that asked for it. Until this returns, repeated commands for the
+        bundle join it. A delta that does not rebuild the bundle falls back to the full bundle."""
+        transfer = running.transfer
+        cmd = running.install
+        result: dict[str, Any] = {}
+        failure = fallback = ""
+        try:
+            if running.via_delta:
+                try:
+                    data = self._rebuild(running)
+                except delta_mod.DeltaError as exc:
+                    fallback, data = str(exc), b""
+            else:
+                data = transfer.assemble()
+            if not fallback:  # the rebuilt bundle goes through exactly the path a full one does
+                result = self.agent.install(data, expected=(cmd.model, cmd.version))
         except EdgeSdkError as exc:
-            self._report("FAILED", cmd.model, cmd.version, str(exc), cmd.rollout)
-            return
+            failure = str(exc)
+        except Exception as exc:  # a bug must not leave the transfer (and its rollouts) hanging
+            log.exception("installing %s@%s failed", cmd.model, cmd.version)
+            failure = f"agent error: {type(exc).__name__}: {exc}"
         finally:
-            if transfer.dir.exists() and transfer.complete:
-                transfer.discard()
-        self._report("SUCCEEDED", cmd.model, cmd.version, "", cmd.rollout, result.get("previous"), result.get("p50_ms"),
-                     result.get("previous_p50_ms"))
-        self._safe_status()
-        self.announce_work()
+            transfer.discard()
+            with self._tlock:
+                key = transfer.command.bundle_sha256
+                if self._transfers.get(key) is running:
+                    del self._transfers[key]
+                rollouts = list(running.rollouts)
+        if fallback:
+            log.warning("%s@%s: %s; fetching the full bundle", cmd.model, cmd.version, fallback)
+            try:
+                self._open_transfer(cmd, cmd, rollouts, fallback)
+            except EdgeSdkError as exc:
+                for rollout in rollouts:
+                    self._report("FAILED", cmd.model, cmd.version, f"{fallback}; the full bundle: {exc}", rollout,
+                                 bundle_sha256=cmd.bundle_sha256)
+            return
+        via = "delta" if running.via_delta else "full"
+        for rollout in rollouts:
+            if failure:
+                rebuilt = (f" (the bundle was rebuilt from a {cmd.delta['method']} delta and matched its sha256)"
+                           if running.via_delta else "")
+                self._report("FAILED", cmd.model, cmd.version, failure + rebuilt, rollout,
+                             bundle_sha256=cmd.bundle_sha256, via=via)
+            else:
+                how = (f"installed from a {cmd.delta['method']} delta of {transfer.command.bundle_size} bytes "
+                       f"(the bundle: {cmd.bundle_size})" if running.via_delta else "")
+                self._report("SUCCEEDED", cmd.model, cmd.version, how, rollout, result.get("previous"),
+                             result.get("p50_ms"), result.get("previous_p50_ms"), bundle_sha256=cmd.bundle_sha256,
+                             via=via)
+        if not failure:
+            self._safe_status()
+            self.announce_work()
 
     def _do_rollback(self, cmd: proto.RollbackCommand) -> None:
+        """Roll back as told; a model or version this device does not have is refused with FAILED,
+        the reason naming what it has."""
         try:
             result = self.agent.rollback(cmd.model, cmd.to_version)
-        except EdgeSdkError as exc:
+        except Exception as exc:  # EdgeSdkError: refused; anything else: a bug, still reported
+            if not isinstance(exc, EdgeSdkError):
+                log.exception("rollback of %s failed", cmd.model)
             self._report("FAILED", cmd.model, cmd.to_version or "", f"rollback failed: {exc}", cmd.rollout)
             return
         self._report("ROLLED_BACK", cmd.model, result["version"], "", cmd.rollout, result.get("previous"), result.get("p50_ms"))

@@ -33,6 +33,24 @@ byte carrying the descriptor (``SCM_RIGHTS``), and the agent checks it is sealed
 shrinking (``F_SEAL_SHRINK``: a client that shrank it would crash the agent on its next read),
 maps it and answers ``"attached"``; inputs can then be offsets into the region. A 600 KB image costs one memcpy into
 the region (none with :meth:`agent.AgentClient.buffer`) instead of two copies through the kernel.
+
+Whatever a client sends is checked before the agent spends memory on it:
+
+* A predict request is checked against the active model's inputs (count, dtype, shape and so the
+  byte size; :meth:`agent.serving.ActiveModel.request_problem`, the same rules ``predict``
+  applies: float inputs to a quantized model are fine unless the raw flag is set) *before* its
+  tensor bytes are read, so a header cannot make the agent allocate what it declares. The check
+  runs once per cached plan and again only when the model object changes (a new version). A
+  refused request gets an error response; its inline bytes are then read and discarded through a
+  small buffer and the connection goes on, unless they exceed 64 MiB (then the connection is
+  closed after the error response).
+* A head that cannot be parsed (bad magic, truncated or inconsistent tensor headers, tensors on
+  an op other than predict) leaves the stream out of sync: an error response, then the
+  connection is closed. No input makes a connection thread end with an unhandled exception.
+* At most ``max_connections`` connections are served at once; one more gets an error response
+  and is closed. :meth:`LocalApiServer.stop` closes every live connection and joins its thread.
+* The socket is bound under the umask ``0o177`` (owner only) and only then opened to ``mode``,
+  so it is never reachable with looser permissions, not even between ``bind`` and ``chmod``.
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -69,6 +88,9 @@ SHM_FLAG = 0x80
 MAX_REGIONS = 16
 MAX_HEAD = 0xFFFF
 _MAX_PLANS = 256  # parsed heads kept per connection (a client sending ever-new heads is just slower)
+_MAX_SKIP = 64 << 20  # inline bytes of a refused request read and discarded to keep the connection in sync
+_SOCKET_UMASK = 0o177  # the socket is created owner-only, then chmod-ed to its mode
+_UMASK_LOCK = threading.Lock()  # the umask is per process: two servers starting at once must not interleave
 log = logging.getLogger("edgesdk.agent")
 _VERSION_HINT = "the client and the agent may be different edgesdk versions: upgrade both"
 
@@ -112,6 +134,21 @@ class BufferedReader:
             self.pos = end
             return self.buf[pos:end]
         return self._read_more(n)
+
+    def skip(self, n: int) -> None:
+        """Read and discard ``n`` bytes through a buffer of at most ``size`` bytes (nothing of ``n``'s
+        size is allocated: a refused request's declared bytes cost no memory)."""
+        take = min(n, self.pending())
+        self.pos += take
+        n -= take
+        if not n:
+            return
+        scratch = memoryview(bytearray(min(n, self.size)))
+        while n:
+            k = self.sock.recv_into(scratch, min(n, len(scratch)))
+            if k == 0:
+                raise ConnectionError("peer closed the connection")
+            n -= k
 
     def _read_more(self, n: int) -> bytearray:
         available = len(self.buf) - self.pos
@@ -242,9 +279,11 @@ def tune_socket(sock: socket.socket) -> None:
 
 class _Request:
     """A parsed request head: what to call, the shared-memory views of its inputs (made once),
-    and the response header of its last answer (outputs keep their shapes, so it is reused)."""
+    the response header of its last answer (outputs keep their shapes, so it is reused), and the
+    verdict of the input check against the model it was last checked with."""
 
-    __slots__ = ("op", "flags", "name", "key", "specs", "arrays", "inline", "out_sig", "out_head", "out_bytes")
+    __slots__ = ("op", "flags", "name", "key", "specs", "arrays", "inline", "inline_bytes", "out_sig", "out_head",
+                 "out_bytes", "checked", "refusal")
 
     def __init__(self, head: bytes, regions: dict[int, mmap.mmap]) -> None:
         try:
@@ -261,8 +300,13 @@ class _Request:
         self.op, self.flags = op, flags
         self.name, _, key = text.partition("\0")
         self.key = key if flags & 2 else None
+        if count and op != Op.PREDICT:
+            raise InferenceError(f"op {op} carries no tensors ({_VERSION_HINT})")
         self.specs = parse_tensor_headers(head, pos, count)
         self.inline = any(s.offset is None for s in self.specs)
+        self.inline_bytes = sum(s.nbytes for s in self.specs if s.offset is None)
+        self.checked: Optional[weakref.ref] = None  # the model the verdict below is for
+        self.refusal: Optional[str] = None
         self.arrays: list[Optional[np.ndarray]] = []
         for s in self.specs:
             shm = regions.get(s.region)
@@ -276,6 +320,13 @@ class _Request:
         self.out_sig: Optional[list[Any]] = None
         self.out_head = b""
         self.out_bytes = 0
+
+    def check(self, model: Any) -> None:
+        """Check the inputs' dtypes and shapes against ``model`` (``request_problem``), remembering
+        the verdict for as long as ``model`` is the one serving."""
+        signature = [(s.dtype, s.shape) for s in self.specs]
+        self.refusal = model.request_problem(signature, bool(self.flags & 1))
+        self.checked = weakref.ref(model)
 
     def inputs(self, reader: BufferedReader) -> list[np.ndarray]:
         if not self.inline:
@@ -302,89 +353,194 @@ def close_region(region: mmap.mmap) -> None:
 
 
 class LocalApiServer:
-    """Serves ``predict``/``models``/``rollback`` for one agent; a thread per connection."""
+    """Serves ``predict``/``models``/``rollback`` for one agent; a thread per connection, at most
+    ``max_connections`` of them.
+
+    ``model(name)`` returns the object serving ``name`` (an :class:`~agent.serving.ActiveModel`:
+    its ``request_problem`` checks a request's inputs before they are read) or raises
+    :class:`~sdk.errors.EdgeSdkError` for a name nothing serves. Without it (tools and tests
+    around a bare ``predict`` callable) requests are bounded by ``max_request_bytes`` instead.
+    """
 
     def __init__(self, path: os.PathLike | str, predict: Callable[..., list[np.ndarray]],
-                 models: Callable[[], Any], rollback: Callable[[str], Any]) -> None:
+                 models: Callable[[], Any], rollback: Callable[[str], Any], *,
+                 model: Optional[Callable[[str], Any]] = None, max_connections: int = 64, mode: int = 0o660,
+                 max_request_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
         self._predict, self._models, self._rollback = predict, models, rollback
+        self._model = model
+        self.max_connections = max_connections
+        self.mode = mode
+        self.max_request_bytes = max_request_bytes
         self._sock: Optional[socket.socket] = None
-        self._threads: list[threading.Thread] = []
+        self._accepter: Optional[threading.Thread] = None
+        self._conns: dict[socket.socket, threading.Thread] = {}  # live connections and their threads
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        with self._lock:
+            return len(self._conns)
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
             self.path.unlink()  # a stale socket from a killed agent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
-        os.chmod(self.path, 0o660)
-        sock.listen(64)
+        try:
+            with _UMASK_LOCK:
+                previous = os.umask(_SOCKET_UMASK)
+                try:
+                    sock.bind(str(self.path))
+                finally:
+                    os.umask(previous)
+            os.chmod(self.path, self.mode)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
         self._sock = sock
-        t = threading.Thread(target=self._accept, name="edgesdk-localapi", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._accepter = threading.Thread(target=self._accept, name="edgesdk-localapi", daemon=True)
+        self._accepter.start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every live connection and wait for the threads (up to ``timeout``
+        seconds each: a request in the middle of an inference finishes first)."""
+        with self._lock:
+            self._stop.set()
+            live = list(self._conns.items())
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             self._sock.close()
+        for conn, _ in live:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread; the thread closes it
+            except OSError:
+                pass
+        for thread in [self._accepter, *(t for _, t in live)]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
         if self.path.exists():
             self.path.unlink()
 
     def _accept(self) -> None:
         assert self._sock is not None
-        while not self._stop.is_set():
+        while True:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            tune_socket(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="edgesdk-localapi-conn", daemon=True).start()
+            with self._lock:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                admitted = len(self._conns) < self.max_connections
+                if admitted:
+                    thread = threading.Thread(target=self._serve, args=(conn,), name="edgesdk-localapi-conn", daemon=True)
+                    self._conns[conn] = thread
+                    tune_socket(conn)
+                    thread.start()
+            if not admitted:
+                self._turn_away(conn)
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """One connection too many: say so and close it."""
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(_error(f"the agent serves at most {self.max_connections} local API connections at once: "
+                                "close idle clients, or raise local_api_max_connections in the agent's config"))
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         reader = BufferedReader(conn)
         regions: dict[int, mmap.mmap] = {}
-        plans: dict[bytes, _Request] = {}
-        with conn:
+        try:
+            self._converse(conn, reader, regions)
+        except (ConnectionError, OSError):
+            pass  # the client went away, or stop() shut the connection
+        except Exception as exc:  # whatever a client sends, this thread ends cleanly
+            log.warning("local API: closed a connection after %s: %s", type(exc).__name__, exc)
             try:
-                while not self._stop.is_set():
-                    try:
-                        magic, head_len = HDR.unpack(reader.read(HDR.size))
-                    except (ConnectionError, OSError):
+                conn.sendall(_error(f"internal error: {type(exc).__name__}: {exc}"))
+            except OSError:
+                pass
+        finally:
+            for region in regions.values():
+                close_region(region)
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
+
+    def _converse(self, conn: socket.socket, reader: BufferedReader, regions: dict[int, mmap.mmap]) -> None:
+        """Requests until the client closes, or one leaves the stream out of sync."""
+        plans: dict[bytes, _Request] = {}
+        model_of = self._model
+        while not self._stop.is_set():
+            try:
+                magic, head_len = HDR.unpack(reader.read(HDR.size))
+            except (ConnectionError, OSError):
+                return
+            if magic != b"EQ":
+                conn.sendall(_error(f"bad request framing ({_VERSION_HINT})"))
+                return
+            head = bytes(reader.read(head_len))
+            req = plans.get(head)
+            if req is None:
+                try:
+                    req = self._parse(head, regions)
+                except InferenceError as exc:  # the stream cannot be trusted past a bad header
+                    conn.sendall(_error(str(exc)))
+                    return
+                if req.key is None:  # publish requests carry a per-request key: not reused
+                    if len(plans) >= _MAX_PLANS:
+                        plans.clear()
+                    plans[head] = req
+            if req.op == Op.ATTACH:
+                plans.clear()  # their views may belong to the region being replaced
+                if not self._attach(conn, reader, req.name, regions):
+                    return
+                continue
+            if model_of is not None and req.op == Op.PREDICT:
+                # checked once per plan and model version: one lookup and one comparison per request
+                try:
+                    model = model_of(req.name)
+                except EdgeSdkError as exc:
+                    refusal: Optional[str] = str(exc)
+                else:
+                    if req.checked is None or req.checked() is not model:
+                        req.check(model)
+                    refusal = req.refusal
+                if refusal is not None:
+                    if not self._refuse(conn, reader, req, refusal):
                         return
-                    try:
-                        if magic != b"EQ":
-                            conn.sendall(_error(f"bad request framing ({_VERSION_HINT})"))
-                            return
-                        head = bytes(reader.read(head_len))
-                        req = plans.get(head)
-                        if req is None:
-                            try:
-                                req = _Request(head, regions)
-                            except InferenceError as exc:  # the stream cannot be trusted past a bad header
-                                conn.sendall(_error(str(exc)))
-                                return
-                            if req.key is None:  # publish requests carry a per-request key: not reused
-                                if len(plans) >= _MAX_PLANS:
-                                    plans.clear()
-                                plans[head] = req
-                        if req.op == Op.ATTACH:
-                            plans.clear()  # their views may belong to the region being replaced
-                            if not self._attach(conn, reader, req.name, regions):
-                                return
-                            continue
-                        self._handle(conn, req, req.inputs(reader))
-                    except (ConnectionError, OSError):
-                        return
-            finally:
-                plans.clear()
-                for region in regions.values():
-                    close_region(region)
+                    continue
+            self._handle(conn, req, req.inputs(reader))
+
+    def _parse(self, head: bytes, regions: dict[int, mmap.mmap]) -> _Request:
+        req = _Request(head, regions)
+        if self._model is None and req.inline_bytes > self.max_request_bytes:
+            raise InferenceError(f"a request of {req.inline_bytes} bytes is more than this server takes "
+                                 f"({self.max_request_bytes})")
+        return req
+
+    @staticmethod
+    def _refuse(conn: socket.socket, reader: BufferedReader, req: _Request, message: str) -> bool:
+        """Answer a request the model does not take; returns whether the connection goes on (its
+        inline bytes are discarded unread into memory, up to ``_MAX_SKIP``)."""
+        if req.inline_bytes > _MAX_SKIP:
+            conn.sendall(_error(f"{message} (the request's {req.inline_bytes} bytes were not read: connection closed)"))
+            return False
+        reader.skip(req.inline_bytes)
+        conn.sendall(_error(message))
+        return True
 
     @staticmethod
     def _attach(conn: socket.socket, reader: BufferedReader, spec: str, regions: dict[int, mmap.mmap]) -> bool:

@@ -84,8 +84,8 @@ class ModelStats:
         return {**self.latency.summary(), "requests": self.requests, "errors": self.errors}
 
 
-def prometheus_text(stats: dict[str, tuple[str, ModelStats]]) -> str:
-    """Prometheus text exposition for ``{model: (version, stats)}``."""
+def prometheus_text(stats: dict[str, tuple[str, ModelStats]], dropped: Optional[dict[str, int]] = None) -> str:
+    """Prometheus text exposition for ``{model: (version, stats)}`` and ``{channel: messages dropped}``."""
     out = [
         "# HELP edgesdk_inference_seconds Inference latency of successful requests.",
         "# TYPE edgesdk_inference_seconds histogram",
@@ -110,6 +110,11 @@ def prometheus_text(stats: dict[str, tuple[str, ModelStats]]) -> str:
     out.append("# TYPE edgesdk_request_errors_total counter")
     for model, (version, st) in sorted(stats.items()):
         out.append(f'edgesdk_request_errors_total{{model="{model}",version="{version}"}} {st.errors}')
+    out.append("# HELP edgesdk_dropped_messages_total Messages from the fleet's side dropped: undecodable, hostile, "
+               "or for no running transfer.")
+    out.append("# TYPE edgesdk_dropped_messages_total counter")
+    for channel, count in sorted((dropped or {}).items()):
+        out.append(f'edgesdk_dropped_messages_total{{channel="{channel}"}} {count}')
     return "\n".join(out) + "\n"
 
 

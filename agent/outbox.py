@@ -6,6 +6,10 @@ memory only. So each message is written to SQLite (WAL, ``synchronous=FULL``: it
 agent being killed and a power cut) before it is sent, re-sent after every reconnect and after
 ``resend_after`` seconds without an acknowledgement, and deleted only when the fleet's
 application-level :class:`~sdk.protocol.Ack` names its id. The fleet de-duplicates by id.
+Messages stored together (:meth:`Outbox.put_many`: the task results an agent finished while the
+last ones were being written) share one transaction and one sync to disk; send times and
+acknowledged deletions are committed without a sync of their own (a power cut can only make a
+message go out again, which the fleet drops as a duplicate). Payloads are bytes, JSON or binary.
 
 The outbox is bounded: when ``max_messages`` are pending, :meth:`Outbox.put` raises
 :class:`~sdk.errors.BackpressureError`, the agent stops accepting new work and says why; nothing
@@ -20,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sdk.errors import BackpressureError
 
@@ -56,16 +60,45 @@ class Outbox:
 
     def put(self, msg_id: str, topic: str, payload: bytes) -> None:
         """Store a message durably; raise BackpressureError when the outbox is full."""
+        self.put_many([(msg_id, topic, payload)])
+
+    def put_many(self, messages: Sequence[tuple[str, str, bytes]]) -> None:
+        """Store ``(id, topic, payload)`` messages durably in one transaction (one sync to disk for
+        all of them: what lets an agent keep up with small tasks); all or none. Raises
+        BackpressureError when they do not all fit."""
+        if not messages:
+            return
+        now = self.clock()
         with self._lock:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            if count >= self.max_messages:
+            if count + len(messages) > self.max_messages:
                 raise BackpressureError(
                     f"the outbox holds {count} unacknowledged messages (outbox_max {self.max_messages}): "
                     "the fleet has not acknowledged results, so no new work is accepted until it does"
                 )
-            self._db.execute("INSERT OR IGNORE INTO outbox (id, topic, payload, created) VALUES (?, ?, ?, ?)",
-                             (msg_id, topic, payload, self.clock()))
+            self._many("INSERT OR IGNORE INTO outbox (id, topic, payload, created) VALUES (?, ?, ?, ?)",
+                       [(i, t, p, now) for i, t, p in messages])
         self.changed.set()
+
+    def _many(self, sql: str, rows: list[tuple], durable: bool = True) -> Any:
+        """``executemany`` in one transaction (autocommit would sync once per row); under ``_lock``.
+        ``durable=False`` skips the sync to disk for this commit: for bookkeeping whose loss in a
+        power cut only means a message is sent again (send times, acknowledged deletions; the
+        fleet de-duplicates); the next durable commit syncs it along with its own."""
+        if not durable:
+            self._db.execute("PRAGMA synchronous=OFF")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+        return cur
 
     def due(self, resend_after: float, limit: int = 100) -> list[OutboxMessage]:
         """Messages never sent on this connection, or sent longer than ``resend_after`` ago."""
@@ -79,9 +112,11 @@ class Outbox:
 
     def mark_sent(self, seqs: Iterable[int]) -> None:
         now = self.clock()
+        rows = [(now, s) for s in seqs]
+        if not rows:
+            return
         with self._lock:
-            self._db.executemany("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE seq = ?",
-                                 [(now, s) for s in seqs])
+            self._many("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE seq = ?", rows, durable=False)
 
     def reset_sent(self) -> None:
         """After a reconnect everything unacknowledged is due again (the fleet de-duplicates)."""
@@ -92,8 +127,8 @@ class Outbox:
     def ack(self, ids: Iterable[str]) -> int:
         ids = list(ids)
         with self._lock:
-            cur = self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-            removed = cur.rowcount
+            removed = (self._many("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids], durable=False).rowcount
+                       if ids else 0)
         self.changed.set()
         return removed
 

@@ -3,34 +3,35 @@
 Layout under ``<state_dir>/models``::
 
     <name>/<version>/bundle.edgebundle    the verified bundle, as received
+    <name>/<version>/bundle.sha256        its sha256 (written by the agent: the index of delta bases)
     <name>/active.json                    {"version": "2", "previous": "1"}
 
 ``active.json`` is replaced with write-to-temp + fsync + ``os.replace`` (atomic on POSIX), so a
 power cut leaves either the old or the new pointer, never a torn one. The previous version is
 kept for rollback; older ones are pruned. On restart the agent loads every active version.
+
+Names and versions come from bundles and from commands, so every path built from one goes
+through :func:`sdk.paths.confined` (one plain name, resolving inside ``models``); anything else
+is an :class:`~sdk.errors.InstallError` naming the value.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from sdk.errors import InstallError
+from sdk.errors import InstallError, ProtocolError
+from sdk.paths import SAFE_NAME, confined
 
-__all__ = ["ModelStore"]
+__all__ = ["ModelStore", "SPARE_BYTES"]
 
-_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
-BUNDLE_FILE = "bundle.edgebundle"
-
-
-def _check(kind: str, value: str) -> str:
-    if not _SAFE.match(value) or value in (".", ".."):
-        raise InstallError(f"model {kind} {value!r} may only contain letters, digits, '.', '_' and '-'")
-    return value
+#: free disk the agent keeps beyond what an install writes (SQLite outbox, logs, the next pointer)
+SPARE_BYTES = 16 << 20
+_SHA_FILE = "bundle.sha256"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -52,18 +53,80 @@ class ModelStore:
         self.root = Path(state_dir) / "models"
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _dir(self, name: str, version: Optional[str] = None) -> Path:
+        """``models/<name>`` or ``models/<name>/<version>``, confined to the store."""
+        parts = (name,) if version is None else (name, version)
+        try:
+            return confined(self.root, *parts)
+        except ProtocolError as exc:
+            for kind, value in (("name", name), ("version", version)):
+                if value is not None and not (isinstance(value, str) and SAFE_NAME.fullmatch(value)):
+                    raise InstallError(f"model {kind} {value!r} may only contain letters, digits, '.', '_' and '-' "
+                                       "(at most 128, starting with a letter or digit)") from exc
+            raise InstallError(f"{name}@{version or ''}: {exc}") from exc
+
+    def _pointer_file(self, name: str) -> Path:
+        return self._dir(name) / "active.json"
+
     def bundle_path(self, name: str, version: str) -> Path:
-        return self.root / _check("name", name) / _check("version", version) / BUNDLE_FILE
+        return self._dir(name, version) / "bundle.edgebundle"
 
     def stage(self, name: str, version: str, bundle: bytes) -> Path:
-        """Store a bundle's bytes for ``name@version`` (not active yet)."""
+        """Store a bundle's bytes for ``name@version`` (not active yet), and its sha256 beside it."""
         path = self.bundle_path(name, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, bundle)
+        _atomic_write(path.with_name(_SHA_FILE), hashlib.sha256(bundle).hexdigest().encode())
         return path
 
+    def _sha256_of(self, name: str, version: str) -> Optional[str]:
+        """The recorded sha256 of a stored bundle (hashed and recorded when a store made before the
+        record has none); None when the bundle is gone."""
+        path = self.bundle_path(name, version)
+        record = path.with_name(_SHA_FILE)
+        try:
+            text = record.read_text().strip()
+            if len(text) == 64:
+                return text
+        except OSError:
+            pass
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+        try:
+            _atomic_write(record, digest.encode())
+        except OSError:
+            pass
+        return digest
+
+    def held(self) -> dict[str, tuple[str, str]]:
+        """``{sha256: (name, version)}`` of every bundle in the store: what the device can take a
+        delta against (the status reports these sha256s to the fleet)."""
+        out: dict[str, tuple[str, str]] = {}
+        for name in self.names():
+            for version in self.versions(name):
+                digest = self._sha256_of(name, version)
+                if digest:
+                    out[digest] = (name, version)
+        return out
+
+    def find(self, name: str, sha256: str) -> Optional[bytes]:
+        """The bytes of the stored bundle of model ``name`` whose sha256 is ``sha256``, or None.
+        Looked up by digest among this model's own versions (never a path from the network),
+        and the bytes read are hashed again, so a record that lies finds nothing."""
+        for version in self.versions(name):
+            if self._sha256_of(name, version) != sha256:
+                continue
+            try:
+                data = self.bundle_path(name, version).read_bytes()
+            except OSError:
+                return None
+            return data if hashlib.sha256(data).hexdigest() == sha256 else None
+        return None
+
     def _pointer(self, name: str) -> dict[str, Optional[str]]:
-        p = self.root / _check("name", name) / "active.json"
+        p = self._pointer_file(name)
         if not p.exists():
             return {"version": None, "previous": None}
         return json.loads(p.read_text())
@@ -83,22 +146,22 @@ class ModelStore:
         if prev == version:
             prev = self.previous(name)
         pointer = {"version": version, "previous": prev}
-        _atomic_write(self.root / name / "active.json", json.dumps(pointer).encode())
+        _atomic_write(self._pointer_file(name), json.dumps(pointer).encode())
         self.prune(name)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "active.json").exists())
 
     def versions(self, name: str) -> list[str]:
-        d = self.root / _check("name", name)
-        return sorted(p.name for p in d.iterdir() if (p / BUNDLE_FILE).exists()) if d.exists() else []
+        d = self._dir(name)
+        return sorted(p.name for p in d.iterdir() if (p / "bundle.edgebundle").exists()) if d.exists() else []
 
     def prune(self, name: str) -> None:
         """Keep only the active and previous versions of ``name``."""
         keep = {v for v in (self.active(name), self.previous(name)) if v}
         for version in self.versions(name):
             if version not in keep:
-                shutil.rmtree(self.root / name / version, ignore_errors=True)
+                shutil.rmtree(self._dir(name, version), ignore_errors=True)
 
     def describe(self) -> list[dict[str, Optional[str]]]:
         return [

@@ -8,11 +8,16 @@
 3. Real agents (``edgesdk agent run`` processes, LiteRT, the digits CNN in int8): the same job
    on agent A alone, on agent B alone, then on both; E = T(A+B) / (T(A) + T(B)). All of it shares
    this machine's cores with the broker and the fleet, which is what E then shows.
-4. A 5 MiB bundle pushed to 50 simulated devices by a rollout (chunk requests, 128 KiB chunks,
-   install reports) against the raw broker transfer of the same bytes: a paho publisher sending
-   the 40 chunks to each of 50 topics, one subscriber receiving all 2,000.
+4. A 5 MiB bundle pushed to 50 simulated devices by a rollout (128 KiB chunks requested within
+   each device's window, install reports, acks) against the raw broker transfer of the same
+   bytes: a paho publisher sending the 44 chunks to each of 50 topics, one subscriber receiving
+   all 2,200 (the 50 simulated devices share one connection too). ``--rounds`` pairs of (raw,
+   rollout), each pair measured back to back; the median ratio is the figure. ``--apart`` runs the
+   receiving side of both (the raw subscriber, the simulated devices) in a process of its own, as
+   devices are apart from the fleet; without it everything shares this process (and its GIL).
 
     python bench/fleet_bench.py [--sims 4] [--samples 100000] [--batch-size 256]
+    python bench/fleet_bench.py --only rollout [--apart] [--rounds 3] [--devices 50] [--bundle signed.edgebundle]
 """
 
 from __future__ import annotations
@@ -96,6 +101,87 @@ def raw_transfer(url: str, bundle: bytes, devices: int) -> float:
     return dt
 
 
+_ROOT = Path(__file__).resolve().parents[1]
+
+#: ``--apart``: the receiving side in a process of its own, as devices are apart from the fleet
+_RAW_SUBSCRIBER = """
+import sys, threading, time
+import paho.mqtt.client as mqtt
+port, expected = int(sys.argv[1]), int(sys.argv[2])
+done, ready, n = threading.Event(), threading.Event(), [0]
+def on_message(c, u, m):
+    n[0] += 1
+    if n[0] == expected:
+        print(repr(time.time()), flush=True)
+        done.set()
+sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+sub.on_message = on_message
+sub.on_subscribe = lambda *a: ready.set()
+sub.connect("127.0.0.1", port)
+sub.subscribe("bench/xfer/#", qos=1)
+sub.loop_start()
+ready.wait(30)
+print("ready", flush=True)
+done.wait(300)
+sub.disconnect()
+sub.loop_stop()
+"""
+_SIMS = """
+import sys
+from fleet import SimulatedDevices
+sims = SimulatedDevices(int(sys.argv[2]), sys.argv[1], models={"big": "0"}).start()
+print("ready", flush=True)
+sys.stdin.read()
+print(sims.hashes.hits, flush=True)
+sims.stop()
+"""
+
+
+def raw_transfer_apart(url: str, bundle: bytes, devices: int) -> float:
+    """:func:`raw_transfer` with the subscriber in its own process (it reports when the last chunk came)."""
+    import paho.mqtt.client as mqtt
+
+    from sdk import protocol as proto
+
+    chunks = [c.to_payload() for c in proto.split_bundle(bundle)]
+    port = url.rsplit(":", 1)[1]
+    child = subprocess.Popen([sys.executable, "-c", _RAW_SUBSCRIBER, port, str(len(chunks) * devices)],
+                             stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.max_inflight_messages_set(100)
+        pub.max_queued_messages_set(0)
+        pub.connect("127.0.0.1", int(port))
+        pub.loop_start()
+        time.sleep(0.5)
+        t0 = time.time()
+        for d in range(devices):
+            for c in chunks:
+                pub.publish(f"bench/xfer/{d}", c, qos=1)
+        end = float(child.stdout.readline())
+        _close(pub)
+        return end - t0
+    finally:
+        child.wait(30)
+
+
+class _SimsApart:
+    """:class:`fleet.SimulatedDevices` in a process of their own."""
+
+    def __init__(self, url: str, devices: int) -> None:
+        self.ids = [f"sim-{i:04d}" for i in range(devices)]
+        self.proc = subprocess.Popen([sys.executable, "-c", _SIMS, url, str(devices)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.hits = "?"
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.hits = self.proc.stdout.readline().strip()
+        self.proc.wait(30)
+
+
 def big_bundle(tmp: Path, key: Path, mib: float = 5.45) -> Path:
     """A real, signed bundle of about ``mib`` MiB: a dense model with random float32 weights."""
     import keras
@@ -107,6 +193,51 @@ def big_bundle(tmp: Path, key: Path, mib: float = 5.45) -> Path:
     path = tmp / "big.keras"
     model.save(path)
     return convert(path, target="cpu", quantize="none", key=key, output=tmp / "big.edgebundle", runs=3).bundle_path
+
+
+def rollout_vs_raw(url: str, tmp: Path, bundle: Path, devices: int, rounds: int,
+                   apart: bool = False) -> list[tuple[str, str, str]]:
+    """Part 4: ``rounds`` times, the raw broker transfer of the bundle's chunks to ``devices`` topics,
+    then a rollout of the bundle to ``devices`` simulated devices; rows with the medians and ratio.
+    ``apart``: the receiving side (the raw subscriber, the simulated devices) runs in its own process."""
+    import statistics
+
+    from fleet import Fleet, SimulatedDevices
+    from sdk import protocol as proto
+
+    data, size = bundle.read_bytes(), bundle.stat().st_size
+    raws, pushes, notes = [], [], []
+    for k in range(rounds):
+        raw_s = (raw_transfer_apart if apart else raw_transfer)(url, data, devices)
+        sims = _SimsApart(url, devices) if apart else SimulatedDevices(devices, url, models={"big": "0"}).start()
+        try:
+            with Fleet(tmp / f"fleet-push-{k}", url) as fleet:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and len([d for d in fleet.devices() if d.online]) < devices:
+                    time.sleep(0.05)
+                t0 = time.time()  # the fleet's clock: the rollout's `finished` is on it
+                rid = fleet.deploy(bundle, devices=sims.ids, canary=devices, max_per_minute=100_000)
+                view = fleet.wait_rollout(rid, timeout=600)  # polls slowly: it shares the CPU being measured
+                push_s = view.finished - t0  # from the deploy call to the fleet marking the rollout done
+                stats = dict(fleet.stats)
+        finally:
+            sims.stop()
+        raws.append(raw_s)
+        pushes.append(push_s)
+        notes.append(f"{push_s / raw_s:.2f} ({push_s:.2f} s / {raw_s:.2f} s; {view.counts['SUCCEEDED']}/{devices} "
+                     f"SUCCEEDED, {stats.get('chunk_request', 0)} chunk requests, {stats.get('chunks_sent', 0)} chunks "
+                     f"sent, sims' hash memo hits {sims.hits if apart else sims.hashes.hits})")
+    raw_m, push_m = statistics.median(raws), statistics.median(pushes)
+    ratio = statistics.median(p / r for p, r in zip(pushes, raws))
+    mib = size / 2**20
+    where = "; receivers in their own process" if apart else "; one process"
+    return [
+        (f"raw broker transfer, {mib:.1f} MiB x {devices} topics in 128 KiB chunks (median of {rounds}{where})",
+         f"{raw_m:.2f} s", f"baseline; {devices * mib / raw_m:,.0f} MiB/s"),
+        (f"rollout of the {mib:.1f} MiB bundle to {devices} simulated devices, window {proto.CHUNK_WINDOW} chunks "
+         f"(median of {rounds})", f"{push_m:.2f} s", f"{ratio:.2f}x the raw transfer (median of the rounds' ratios)"),
+        ("rounds: rollout / raw", "; ".join(notes), ""),
+    ]
 
 
 def job_rate(fleet, model: str, x: np.ndarray, batch: int, to=None) -> tuple[float, object]:
@@ -122,6 +253,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--raw-messages", type=int, default=20_000)
     ap.add_argument("--agent-samples", type=int, default=18_000)
+    ap.add_argument("--only", choices=("rollout",), help="run only part 4 (the rollout against the raw transfer)")
+    ap.add_argument("--rounds", type=int, default=3, help="part 4: (raw, rollout) pairs to take the median of")
+    ap.add_argument("--devices", type=int, default=50, help="part 4: simulated devices")
+    ap.add_argument("--bundle", type=Path, help="part 4: a signed bundle to push (default: a 5.45 MiB one built here)")
+    ap.add_argument("--apart", action="store_true", help="part 4: the raw subscriber and the simulated devices each "
+                    "in a process of their own (devices are apart from the fleet), not in this one")
     args = ap.parse_args()
     if shutil.which("mosquitto") is None:
         print("mosquitto is not installed: apt-get install -y mosquitto", file=sys.stderr)
@@ -142,6 +279,11 @@ def main() -> int:
         url = broker.url
         procs: list[subprocess.Popen] = []
         try:
+            if args.only == "rollout":
+                private, _ = generate_keys(tmp / "keys")
+                rows += rollout_vs_raw(url, tmp, args.bundle or big_bundle(tmp, private), args.devices, args.rounds,
+                                       args.apart)
+                return _print(rows)
             # 1. the baseline
             raw = raw_rate(url, args.raw_messages)
             rows.append(("broker raw QoS-1 rate, paho → paho, 1 KiB", f"{raw:,.0f} msg/s", "baseline"))
@@ -198,27 +340,16 @@ def main() -> int:
             procs.clear()
 
             # 4. a 5 MiB bundle to 50 simulated devices
-            big = big_bundle(tmp, private)
-            size = big.stat().st_size
-            raw_s = raw_transfer(url, big.read_bytes(), 50)
-            sims = SimulatedDevices(50, url, models={"big": "0"}).start()
-            with Fleet(tmp / "fleet-push", url) as fleet:
-                time.sleep(1.0)
-                t0 = time.perf_counter()
-                rid = fleet.deploy(big, devices=sims.ids, canary=50, max_per_minute=1000)
-                view = fleet.wait_rollout(rid, timeout=600)
-                push_s = time.perf_counter() - t0
-            sims.stop()
-            rows.append((f"raw broker transfer, {size / 2**20:.1f} MiB x 50 topics in 128 KiB chunks",
-                         f"{raw_s:.2f} s", f"{50 * size / 2**20 / raw_s:,.0f} MiB/s"))
-            rows.append((f"rollout of the {size / 2**20:.1f} MiB bundle to 50 simulated devices", f"{push_s:.2f} s",
-                         f"{push_s / raw_s:.1f}x the raw transfer; {view.counts['SUCCEEDED']}/50 SUCCEEDED "
-                         f"(chunk requests, install reports, acks, one stage)"))
+            rows += rollout_vs_raw(url, tmp, args.bundle or big_bundle(tmp, private), args.devices, args.rounds,
+                                   args.apart)
         finally:
             for p in procs:
                 p.kill()
             broker.stop()
+    return _print(rows)
 
+
+def _print(rows: list[tuple[str, str, str]]) -> int:
     print(f"# edgesdk fleet_bench — Mosquitto on loopback, {os.cpu_count()} cores\n")
     print("| measurement | result | compared with the baseline |")
     print("|---|---|---|")

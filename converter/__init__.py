@@ -15,7 +15,7 @@ __all__ = ["convert", "ConversionResult"]
 
 
 def convert(model: Any, **kwargs: Any) -> "ConversionResult":
-    """Convert ``model`` to a bundle. See :func:`converter.pipeline.convert` for every option."""
+    """Convert ``model`` to a bundle; the keywords are the fields of :class:`converter.options.ConvertOptions`."""
     from .pipeline import convert as _convert
 
     return _convert(model, **kwargs)

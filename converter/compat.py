@@ -77,8 +77,10 @@ def _short(t: TensorInfo) -> str:
     return t.name.split(";")[0][-48:]
 
 
-def _static(t: TensorInfo) -> bool:
-    return all(d > 0 for d in t.shape_signature)
+def _static(t: TensorInfo, batch_ok: bool = False) -> bool:
+    """Every dimension known; with ``batch_ok`` (a model with a dynamic batch, which the runtime
+    allocates at batch 1 before a delegate sees it) the leading one may be -1."""
+    return all(d > 0 for d in (t.shape_signature[1:] if batch_ok else t.shape_signature))
 
 
 def _edgetpu_node_problem(n: NodeInfo) -> str:
@@ -125,7 +127,7 @@ def analyze_edgetpu(info: ModelInfo) -> dict[str, Any]:
     return _summary(placements, "edgetpu", problems)
 
 
-def _gpu_node_problem(n: NodeInfo) -> str:
+def _gpu_node_problem(n: NodeInfo, batch_ok: bool = False) -> str:
     if n.custom:
         return f"custom op {n.op} is not supported"
     if n.op not in GPU_OPS:
@@ -133,7 +135,7 @@ def _gpu_node_problem(n: NodeInfo) -> str:
     for t in n.inputs + n.outputs:
         if t.dtype not in ("float32", "float16") + _INT_ACT + _AUX_INT:
             return f"tensor {_short(t)} is {t.dtype}"
-        if not _static(t):
+        if not _static(t, batch_ok):
             return f"tensor {_short(t)} has a dynamic shape {t.shape_signature}"
         if len(t.shape) > 4:
             return f"tensor {_short(t)} has rank {len(t.shape)} (the GPU delegate supports up to 4)"
@@ -141,11 +143,14 @@ def _gpu_node_problem(n: NodeInfo) -> str:
 
 
 def analyze_gpu(info: ModelInfo) -> dict[str, Any]:
-    """Which ops the GPU delegate would take; unsupported ones fall back to the CPU one by one."""
-    problems = [] if info.static_shapes else ["dynamic input/output shapes: the GPU delegate needs static shapes"]
+    """Which ops the GPU delegate would take; unsupported ones fall back to the CPU one by one. A
+    dynamic batch alone is not a dynamic shape here: the engine allocates batch 1 first."""
+    batch_ok = info.dynamic_batch
+    static = all(_static(t, batch_ok) for t in info.inputs + info.outputs)
+    problems = [] if static else ["dynamic input/output shapes: the GPU delegate needs static shapes"]
     placements = []
     for n in info.nodes:
-        problem = _gpu_node_problem(n)
+        problem = _gpu_node_problem(n, batch_ok)
         placements.append(Placement(n.index, n.op, n.version, "cpu" if problem else "gpu", problem))
     return _summary(placements, "gpu", problems)
 

@@ -28,7 +28,7 @@ class DigitsData:
 
 def load_digits_split(train: int = 1400, seed: int = 0) -> DigitsData:
     """Images scaled to [0, 1] with a channel axis, shuffled with ``seed``, split at ``train``."""
-    datasets = require("sklearn.datasets", "dev", "for the bundled digits data set")
+    datasets = require("sklearn.datasets", "converter", "for the bundled digits data set")
     d = datasets.load_digits()
     x = (d.images / 16.0).astype(np.float32)[..., None]
     y = d.target.astype(np.int64)
@@ -37,16 +37,19 @@ def load_digits_split(train: int = 1400, seed: int = 0) -> DigitsData:
     return DigitsData(x[:train], y[:train], x[train:], y[train:])
 
 
-def build_digits_cnn(seed: int = 0) -> Any:
+def build_digits_cnn(seed: int = 0, width: int = 1) -> Any:
+    """The digits CNN, untrained: two convolutions (16 and 32 filters) and a 64-unit dense layer,
+    each ``width`` times as wide (``width=2`` gives the ~151k-parameter teacher of the
+    distillation tests)."""
     k = keras()
     k.utils.set_random_seed(seed)
     return k.Sequential([
         k.Input((8, 8, 1)),
-        k.layers.Conv2D(16, 3, activation="relu", padding="same"),
+        k.layers.Conv2D(16 * width, 3, activation="relu", padding="same"),
         k.layers.MaxPooling2D(),
-        k.layers.Conv2D(32, 3, activation="relu", padding="same"),
+        k.layers.Conv2D(32 * width, 3, activation="relu", padding="same"),
         k.layers.Flatten(),
-        k.layers.Dense(64, activation="relu"),
+        k.layers.Dense(64 * width, activation="relu"),
         k.layers.Dense(10, activation="softmax"),
     ])
 

@@ -7,7 +7,8 @@
   outputs; drop = 100 * (1 - cosine).
 
 The converted model runs on the same runtime the devices use (LiteRT), sample by sample, with
-float inputs quantized exactly as the agent quantizes them.
+float inputs quantized exactly as the agent quantizes them. Its inputs and outputs are matched to
+the original model's by signature name: TFLite orders a signature's tensors its own way.
 """
 
 from __future__ import annotations
@@ -16,19 +17,55 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from sdk.dataset import Dataset
+from sdk.errors import ConversionError, ModelLoadError
+from sdk.modelinfo import match_names
 from sdk.runtime import Engine
 
-from sdk.dataset import Dataset
-
-__all__ = ["run_engine", "score", "is_classifier"]
+__all__ = ["run_engine", "engine_sample", "input_order", "score", "is_classifier"]
 
 
-def run_engine(engine: Engine, data: Dataset, progress: Optional[Callable[[], None]] = None) -> list[np.ndarray]:
-    """Outputs of ``engine`` for every sample (float, dequantized), stacked per output."""
-    outs: list[list[np.ndarray]] = [[] for _ in engine.outputs]
+def input_order(engine: Engine, data: Dataset) -> list[int]:
+    """For each of the engine's inputs, the index of the data array that feeds it: by name when the
+    data knows its inputs' names, else by position."""
+    if not data.names:
+        return list(range(len(engine.inputs)))
+    return _translate(lambda: _inverse(match_names(data.names, engine.inputs, "input")))
+
+
+def _inverse(positions: list[int]) -> list[int]:
+    order = [0] * len(positions)
+    for data_index, engine_index in enumerate(positions):
+        order[engine_index] = data_index
+    return order
+
+
+def _translate(fn: Callable[[], list[int]]) -> list[int]:
+    try:
+        return fn()
+    except ModelLoadError as exc:
+        raise ConversionError(f"the converted model's signature does not match the original's: {exc}") from exc
+
+
+def engine_sample(engine: Engine, data: Dataset, i: int, order: Optional[list[int]] = None) -> list[np.ndarray]:
+    """Sample ``i`` (a batch of one) as the engine takes it: its inputs in the engine's order."""
+    sample = data.sample(i)
+    return [sample[j] for j in (order if order is not None else input_order(engine, data))]
+
+
+def run_engine(engine: Engine, data: Dataset, progress: Optional[Callable[[], None]] = None,
+               outputs: Optional[Sequence[str]] = None) -> list[np.ndarray]:
+    """Outputs of ``engine`` for every sample (float, dequantized), stacked per output: in the
+    order of the names in ``outputs`` (the original model's), else in the engine's own order.
+    Inputs and outputs are matched by their signature names (TFLite orders them its own way)."""
+    order = input_order(engine, data)
+    select = _translate(lambda: match_names(outputs, engine.outputs)) if outputs else list(range(len(engine.outputs)))
+    outs: list[list[np.ndarray]] = [[] for _ in select]
     for i in range(len(data)):
-        for j, y in enumerate(engine.run_float(data.sample(i))):
-            outs[j].append(np.asarray(y, dtype=np.float32).reshape(y.shape[1:] if y.shape[:1] == (1,) else y.shape))
+        ys = engine.run_float(engine_sample(engine, data, i, order))
+        for k, j in enumerate(select):
+            y = ys[j]
+            outs[k].append(np.asarray(y, dtype=np.float32).reshape(y.shape[1:] if y.shape[:1] == (1,) else y.shape))
         if progress:
             progress()
     return [np.stack(o) for o in outs]
@@ -56,6 +93,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def score(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labels: Optional[np.ndarray]) -> dict[str, Any]:
     """Compare a candidate's outputs with the original's (and with labels when there are any)."""
     result: dict[str, Any] = {"samples": int(reference[0].shape[0])}
+    if len(reference) != len(candidate):
+        raise ConversionError(f"the converted model has {len(candidate)} outputs, the original {len(reference)}")
+    for j, (r, c) in enumerate(zip(reference, candidate)):
+        if r.size != c.size:
+            raise ConversionError(f"output {j}: the converted model gives shape {list(c.shape)}, the original "
+                                  f"{list(r.shape)}: convert with the same input shapes (--input-shape)")
     max_err = max(float(np.max(np.abs(r.reshape(c.shape) - c))) for r, c in zip(reference, candidate))
     result["max_abs_error"] = max_err
     result["cosine"] = float(np.mean([_cosine(r, c) for r, c in zip(reference, candidate)]))

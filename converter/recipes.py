@@ -38,7 +38,7 @@ log = logging.getLogger("edgesdk.converter")
 RECIPES = ("none", "dynamic", "float16", "int8", "int16x8")
 IO_DTYPES = ("int8", "uint8", "float32")
 
-__all__ = ["RECIPES", "IO_DTYPES", "Recipe", "convert_saved_model", "candidate_recipes", "default_recipe"]
+__all__ = ["RECIPES", "IO_DTYPES", "Recipe", "convert_saved_model", "check_calibratable", "CALIBRATION_CRASHERS", "candidate_recipes", "default_recipe"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,25 @@ def _unsupported_ops(message: str) -> list[str]:
     return sorted(set(ops))
 
 
+#: op combinations of a float model that crash TensorFlow's calibrator (SIGSEGV: the whole process)
+#: in the int8 and int16x8 recipes (TF 2.21): a Keras 3 LSTM, lowered to a WHILE loop over resource
+#: variables (found on the corpus: SentiToolKit), and TFLite's fused LSTM ops
+CALIBRATION_CRASHERS = (frozenset({"WHILE", "VAR_HANDLE"}), frozenset({"UNIDIRECTIONAL_SEQUENCE_LSTM"}),
+                        frozenset({"BIDIRECTIONAL_SEQUENCE_LSTM"}))
+
+
+def check_calibratable(recipe: Recipe, float_model: Optional[bytes]) -> None:
+    """Refuse a calibrated recipe for a model whose float32 conversion has ops known to crash the
+    calibrator, with the reason, before TensorFlow takes the process down."""
+    if not recipe.needs_calibration or not float_model:
+        return
+    ops = {n.op for n in read_model_info(float_model).nodes}
+    bad = next((sorted(combo) for combo in CALIBRATION_CRASHERS if combo <= ops), None)
+    if bad:
+        raise QuantizationError(f"{recipe.label} is not tried: TensorFlow's calibrator crashes on {' + '.join(bad)} "
+                                "(a recurrent layer); use dynamic or float16")
+
+
 def convert_saved_model(saved_model_dir: Path, recipe: Recipe, calibration: Optional[Dataset]) -> bytes:
     """Convert a SavedModel with ``recipe``; builtin ops only."""
     tf = tensorflow()
@@ -113,8 +132,11 @@ def convert_saved_model(saved_model_dir: Path, recipe: Recipe, calibration: Opti
         data = calibration
 
         def representative():
+            # by input name, in each input's own dtype (token ids stay integers, masks booleans)
             for i in range(len(data)):
-                yield [x.astype(np.float32) for x in data.sample(i)]
+                sample = data.sample(i)
+                sample = [x.astype(np.float32) if x.dtype.kind == "f" else x for x in sample]
+                yield dict(zip(data.names, sample)) if data.names else sample
 
         conv.representative_dataset = representative
     if recipe.name == "int8":

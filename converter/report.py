@@ -32,6 +32,27 @@ def metric_label(c: dict[str, Any]) -> str:
     return "-"
 
 
+def _quality(q: dict[str, Any]) -> str:
+    if "accuracy" in q:
+        return f"{100 * q['accuracy']:.2f}%"
+    return f"agree {100 * q['top1_agreement']:.2f}%" if "top1_agreement" in q else "-"
+
+
+def _distillation_lines(d: dict[str, Any]) -> list[str]:
+    """Teacher and student side by side (and the student trained alone, if it was)."""
+    head = f"  {'':<22}{'params':>10}{'file':>11}{d['recipe']:>18}{'p50 ms':>9}  {'float':>8}  {'converted':>9}"
+    lines = ["", f"distillation: T={d['temperature']}, alpha={d['alpha']}, {d['epochs']} epochs on {d['train_samples']} "
+                 f"samples; P = N'/N = {d['param_ratio']:.4f}, size ratio {d['size_ratio']:.3f}", head]
+    for who in ("teacher", "student"):
+        r = d[who]
+        lines.append(f"  {who:<22}{r['params']:>10,}{_kb(r['file_bytes']):>11}{_kb(r['tflite_bytes']):>18}"
+                     f"{r['p50_ms']:>9.3f}  {_quality(r['float']):>8}  {_quality(r['converted']):>9}")
+    if "alone" in d:
+        lines.append(f"  {'student, labels alone':<22}{d['student']['params']:>10,}{'':>11}{'':>18}{'':>9}  "
+                     f"{_quality(d['alone']['float']):>8}  (distilling bought {d['gain_over_alone_pts']:+.2f} pts)")
+    return lines
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The human-readable report: one row per recipe tried, then sizes, ops and notes."""
     lines = []
@@ -81,6 +102,8 @@ def render_table(report: dict[str, Any]) -> str:
             f"{_kb(pr['compressed_bytes_after'])} (tflite {_kb(pr['tflite_bytes_before'])} → {_kb(pr['tflite_bytes_after'])})"
             + (f"; fine-tuned {pr['fine_tune_epochs']} epochs" if pr.get("fine_tune_epochs") else "")
         )
+    if report.get("distillation"):
+        lines += _distillation_lines(report["distillation"])
     ops = report.get("ops", {})
     for accel in ("cpu", "gpu", "edgetpu"):
         a = ops.get(accel)

@@ -82,7 +82,7 @@ class EmbeddedBroker:
 
         from sdk.deps import require
 
-        amqtt_broker = require("amqtt.broker", "dev", "for an embedded MQTT broker without mosquitto")
+        amqtt_broker = require("amqtt.broker", ("demo", "dev"), "for an embedded MQTT broker without mosquitto")
         ready = threading.Event()
         self._loop = asyncio.new_event_loop()
 

@@ -1,27 +1,34 @@
 """Serving bundle chunks: each bundle is split and framed once, then every device's request is
-answered from the same encoded payloads (sending a bundle to 1,000 devices costs one split)."""
+answered from the same encoded payloads (sending a bundle to 1,000 devices costs one split).
+
+Which requests deserve an answer is the fleet's decision (only a bundle that an active rollout
+is sending to the asking device, see :meth:`fleet.rollout.RolloutController.is_sending`); this
+cache reads bundles only through :class:`~fleet.bundlestore.BundleStore`, the one place where a
+digest becomes a path."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from sdk import protocol as proto
+
+from .bundlestore import BundleStore
 
 __all__ = ["ChunkCache"]
 
 
 class ChunkCache:
-    def __init__(self, locate: Callable[[str], Path], max_bundles: int = 8) -> None:
-        self._locate = locate  # bundle sha256 -> path of the bundle file
+    def __init__(self, store: BundleStore, max_bundles: int = 8) -> None:
+        self.store = store
         self._payloads: dict[str, list[bytes]] = {}
         self.max_bundles = max_bundles
         self.splits = 0  # how many times a bundle was split and framed (a benchmark figure)
 
     def payloads(self, sha256: str) -> list[bytes]:
+        """Every framed chunk of bundle ``sha256`` (OSError or ProtocolError when the store lacks it)."""
         cached = self._payloads.get(sha256)
         if cached is None:
-            data = self._locate(sha256).read_bytes()
+            data = self.store.read(sha256)
             cached = [c.to_payload() for c in proto.split_bundle(data)]
             self.splits += 1
             if len(self._payloads) >= self.max_bundles:
@@ -32,4 +39,5 @@ class ChunkCache:
     def requested(self, sha256: str, indices: Iterable[int]) -> list[bytes]:
         """The framed chunks a :class:`~sdk.protocol.ChunkRequest` asks for (bad indices skipped)."""
         payloads = self.payloads(sha256)
-        return [payloads[i] for i in sorted(set(indices)) if 0 <= i < len(payloads)]
+        wanted = {i for i in indices if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(payloads)}
+        return [payloads[i] for i in sorted(wanted)]

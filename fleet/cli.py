@@ -160,8 +160,8 @@ def _rollout_outcome(view: Any, as_json: bool) -> None:
         for d in view.devices:
             if d["state"] != "SUCCEEDED" or d["reason"]:
                 click.echo(f"  {d['device']}: {d['state']} {d['reason']}")
-    if view.state == "ABORTED":
-        raise RolloutError(f"rollout {view.id} aborted: {view.reason}")
+    if view.state in ("ABORTED", "FAILED"):
+        raise RolloutError(f"rollout {view.id} {view.state.lower()}: {view.reason}")
 
 
 @fleet_group.command("deploy")
@@ -277,6 +277,10 @@ def _job_lines(s: Any) -> list[str]:
     eff = f"{s.efficiency:.2f}" if s.efficiency is not None else "-"
     lines = [f"job {s.id}: {s.model} {s.state} {s.samples_done}/{s.samples} samples, {rate}, retries {s.retries}, "
              f"efficiency {eff}" + (f" ({s.reason})" if s.reason else "")]
+    if getattr(s, "input_encoding", None):
+        sent = f"{s.bytes_per_sample:,.1f} bytes sent per sample" if s.bytes_per_sample else "nothing sent yet"
+        lines.append(f"  inputs: {', '.join(s.input_encoding)}; {s.input_bytes_per_sample:,} bytes per sample on the "
+                     f"wire; {sent} ({s.bytes_sent:,} bytes in all); tasks of {s.task_samples} samples")
     for dev, d in s.devices.items():
         lines.append(f"  {dev:<18} {d['samples']:>7} samples ({100 * d['share']:5.1f} %)  {d['tasks']:>5} tasks  "
                      f"{d['throughput']:,.0f} samples/s busy")
@@ -374,9 +378,11 @@ def jobs_command(ctx: click.Context, as_json: bool) -> None:
 @click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-0000, PREFIX-0001, ...")
 @click.option("--infer-ms", type=float, default=1.0, show_default=True, help="Simulated inference time per sample.")
 @click.option("--capacity", type=int, default=1, show_default=True, help="Work slots per device.")
+@click.option("--prefetch", type=click.IntRange(0, 64), default=4, show_default=True,
+              help="Tasks each device holds queued beyond those running (as an agent's prefetch).")
 @click.pass_context
 def simulate_command(ctx: click.Context, count: int, models: tuple[str, ...], tags: tuple[str, ...], prefix: str,
-                     infer_ms: float, capacity: int) -> None:
+                     infer_ms: float, capacity: int, prefetch: int) -> None:
     """Run COUNT simulated devices (real protocol, fake inference) until SIGTERM/SIGINT."""
     from sdk.mqtt import MqttSettings
 
@@ -391,13 +397,143 @@ def simulate_command(ctx: click.Context, count: int, models: tuple[str, ...], ta
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     sims = SimulatedDevices(count, settings=settings, prefix=prefix, tags=parse_tags(list(tags)), models=model_map,
-                            capacity=capacity, infer_s=infer_ms / 1000.0).start()
+                            capacity=capacity, prefetch=prefetch, infer_s=infer_ms / 1000.0).start()
     click.echo(f"{count} simulated devices online ({prefix}-0000 ...); Ctrl-C stops them", err=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
         sims.stop()
+
+
+# --- credentials -----------------------------------------------------------------------------------
+def _credentials_store(ctx: click.Context, directory: Optional[str]) -> Any:
+    from .credentials import CredentialsStore, default_credentials_dir
+
+    return CredentialsStore(directory or default_credentials_dir(ctx.obj["fleet_options"]["state"]))
+
+
+def _fleet_usage_lines(fleet: Any) -> list[str]:
+    import shlex
+
+    return ["fleet controller (CN edgesdk-fleet): edgesdk fleet " + shlex.join(fleet.cli_options()) + " serve",
+            "  or in its environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in fleet.environment().items())]
+
+
+_DIR_OPTION = click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+                           help="Credentials directory [default: <fleet state dir>/credentials].")
+
+
+@fleet_group.group("credentials")
+def credentials_group() -> None:
+    """Per-device certificates and a locked-down broker (CA, ACL, CRL); see docs/security.md."""
+
+
+@credentials_group.command("init")
+@_DIR_OPTION
+@click.option("--broker-host", "broker_hosts", multiple=True, metavar="NAME",
+              help="A name or IP address agents use to reach the broker (repeatable; 127.0.0.1 and localhost "
+                   "are always in the certificate). The first one goes into the agent config lines.")
+@click.option("--port", type=int, default=8883, show_default=True, help="The broker's TLS listener port.")
+@click.option("--bind", default="", help="Address the listener binds to [default: all].")
+@click.option("--broker-files-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the broker host keeps the broker/ files (the paths in edgesdk.conf) [default: DIR/broker].")
+@click.option("--force", is_flag=True, help="Replace an existing CA (every certificate issued so far stops working).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@click.pass_context
+def credentials_init_command(ctx: click.Context, directory: Optional[str], broker_hosts: tuple[str, ...], port: int,
+                             bind: str, broker_files_dir: Optional[str], force: bool, as_json: bool) -> None:
+    """Make the fleet CA, the broker's configuration and certificates (broker, fleet).
+
+    Prints the fleet-side options that use the fleet's own certificate (CN edgesdk-fleet)."""
+    from sdk.cli import echo_json
+
+    store = _credentials_store(ctx, directory)
+    files = store.init(broker_hosts=broker_hosts, port=port, bind=bind, broker_files_dir=broker_files_dir, force=force)
+    fleet = store.fleet()
+    if as_json:
+        echo_json({"directory": str(store.directory), "broker": files.to_dict(), "fleet": fleet.to_dict()})
+        return
+    click.echo(f"fleet CA written to {store.directory}")
+    click.echo(f"broker: {files.config} (listener {files.port}, TLS with client certificates, ACL, CRL); run it with")
+    click.echo(f"  include_dir {files.directory}   in mosquitto.conf (see docs/security.md)")
+    click.echo("\n".join(_fleet_usage_lines(fleet)))
+    click.echo("devices: edgesdk fleet credentials issue DEVICE...")
+
+
+@credentials_group.command("issue")
+@click.argument("devices", nargs=-1, required=True)
+@_DIR_OPTION
+@click.option("--broker-url", default=None, help="The broker URL agents use [default: mqtts://<first --broker-host>:PORT].")
+@click.option("--install-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the files will be on the device (the paths in the config lines), e.g. /etc/edgesdk "
+                   "[default: where they are written].")
+@click.option("--replace", is_flag=True, help="Issue a new certificate to a device that has one; the old one is revoked.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@click.pass_context
+def credentials_issue_command(ctx: click.Context, devices: tuple[str, ...], directory: Optional[str],
+                              broker_url: Optional[str], install_dir: Optional[str], replace: bool, as_json: bool) -> None:
+    """Write a certificate (CN = DEVICE), key, CA file and agent config lines per DEVICE."""
+    from sdk.cli import echo_json
+
+    store = _credentials_store(ctx, directory)
+    issued = store.issue(*devices, broker_url=broker_url, install_dir=install_dir, replace=replace)
+    if as_json:
+        echo_json([c.to_dict() for c in issued])
+        return
+    for creds in issued:
+        replaced = f"; replaces (revoked) {', '.join(f'{s:x}' for s in creds.replaced)}" if creds.replaced else ""
+        click.echo(f"{creds.device}: {creds.directory} (ca.pem, client.pem, client.key){replaced}")
+        click.echo(creds.config_lines(), nl=False)
+    if any(c.replaced for c in issued):
+        click.echo(f"the CRL changed: restart the broker (or send it SIGHUP) so it reads {store.broker().crlfile}")
+
+
+@credentials_group.command("revoke")
+@click.argument("devices", nargs=-1, required=True)
+@_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the revoked certificates as JSON.")
+@click.pass_context
+def credentials_revoke_command(ctx: click.Context, devices: tuple[str, ...], directory: Optional[str],
+                               as_json: bool) -> None:
+    """Put each DEVICE's certificates on the CRL, so the broker refuses them.
+
+    Mosquitto reads the CRL at start and on SIGHUP (new connections only): restart it to close
+    a revoked device's open connection too."""
+    from sdk.cli import echo_json
+
+    store = _credentials_store(ctx, directory)
+    revoked = store.revoke(*devices)
+    crl = store.broker().crlfile
+    if as_json:
+        echo_json({"crlfile": str(crl), "revoked": {d: [c.to_dict() for c in certs] for d, certs in revoked.items()}})
+        return
+    for device, certs in revoked.items():
+        serials = ", ".join(f"{c.serial:x}" for c in certs)
+        click.echo(f"{device}: revoked {serials}" if certs else f"{device}: already revoked")
+    click.echo(f"{crl} rewritten: restart the broker so it refuses them and closes their open connections "
+               "(SIGHUP makes Mosquitto refuse new connections only)")
+
+
+@credentials_group.command("show")
+@_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def credentials_show_command(ctx: click.Context, directory: Optional[str], as_json: bool) -> None:
+    """The broker's files, the fleet's own options and every certificate issued."""
+    from sdk.cli import echo_json
+
+    store = _credentials_store(ctx, directory)
+    files, fleet, certs = store.broker(), store.fleet(), store.certificates()
+    if as_json:
+        echo_json({"directory": str(store.directory), "broker": files.to_dict(), "fleet": fleet.to_dict(),
+                   "certificates": [c.to_dict() for c in certs]})
+        return
+    click.echo(f"broker: {files.config} (listener {files.port}, {files.url})")
+    click.echo("\n".join(_fleet_usage_lines(fleet)))
+    click.echo(f"{'IDENTITY':<24} {'KIND':<7} {'SERIAL':<41} {'EXPIRES':<26} REVOKED")
+    for c in certs:
+        click.echo(f"{c.identity:<24} {c.kind:<7} {c.serial:<41x} {c.not_after:<26} {c.revoked_at or '-'}")
 
 
 # --- demo ------------------------------------------------------------------------------------------

@@ -277,9 +277,9 @@ def _write_report(directory: Path, result: DemoResult, fleet: Any, float_acc: fl
 def _job_chart(rows: list[dict[str, Any]], path: Path) -> None:
     from sdk.deps import require
 
-    matplotlib = require("matplotlib", "converter", "to draw report charts")
+    matplotlib = require("matplotlib", "demo", "to draw report charts")
     matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "converter", "to draw report charts")
+    plt = require("matplotlib.pyplot", "demo", "to draw report charts")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if rows:
         t0 = min(r["done_at"] - (r["elapsed_s"] or 0) for r in rows)

@@ -1,13 +1,21 @@
 """Distributed batch inference: split a dataset into tasks, let devices pull them, collect every
 result exactly once, write the results in input order.
 
-* A job's inputs are copied into the fleet's state (``jobs/<id>/x<i>.npy``) and cut into tasks
-  of ``batch_size`` samples; every task is a row in the fleet database (PENDING → LEASED → DONE,
-  or FAILED after ``max_attempts`` dispatches).
+* A job's inputs are copied into the fleet's state (``jobs/<id>/x<i>.npy``) as they will travel
+  (:mod:`sdk.encoding`: float inputs of an input the model takes quantised are quantised once,
+  here, and sent with their scale and zero point; uint8 images for a normalised input stay
+  uint8) and cut into tasks of ``batch_size`` samples, fewer when that many would not fit in
+  one message under the broker's packet limit; a task of one sample that still does not fit
+  travels in pieces (:class:`~sdk.protocol.TaskPiece`) that the device reassembles. Every task
+  is a row in the fleet database (PENDING → LEASED → DONE, or FAILED after ``max_attempts``
+  dispatches); the summary reports the bytes sent per sample.
 * Dispatch is pull-based: agents announce ``capacity`` and ``free`` slots for the models they
-  run (:class:`~sdk.protocol.WorkRequest`); the fleet keeps at most ``capacity`` of a device's
-  tasks outstanding and sends none while it announces 0 free, so a fast device returns results
-  sooner and gets more work, and a slow or busy one is never flooded. (MQTT shared subscriptions
+  run (:class:`~sdk.protocol.WorkRequest`), and ``prefetch``, how many more it holds queued;
+  the fleet keeps at most ``capacity + prefetch`` of a device's tasks outstanding (LEASED, as
+  the database counts them, not as the device last said) and sends none while it announces 0
+  free. So the next task is already on the device when one ends (no idle round trip between
+  tasks), a fast device returns results sooner and gets more work, and a slow or busy one is
+  never flooded: what it holds is bounded by what it asked for. (MQTT shared subscriptions
   deliver round-robin, blind to load, and lose a dead member's unacknowledged messages.)
 * Every dispatch holds a lease of ``lease_s``; a task whose lease ends, or whose device goes
   offline (its Last-Will), goes back to PENDING and is dispatched again; a device that let a
@@ -15,6 +23,20 @@ result exactly once, write the results in input order.
 * Results are stored in the database as they arrive (before the agent's outbox entry is
   acknowledged), de-duplicated by task id: the first result of a task wins, a late duplicate
   from a device whose lease had ended is acknowledged and dropped.
+* A result is taken only from the device that holds the task's lease, for the model version the
+  task was dispatched for (``tasks.version``, what the device announced for that model), with
+  outputs that fit: as many as the version's manifest declares (``bundles``), each of its dtype
+  (float32 where the agent dequantizes an integer output) and its shape after the batch
+  dimension, with one row per sample of the task. When the fleet holds no manifest of that
+  version (the device got the model another way), the job's first accepted result sets what
+  every later one must be (``jobs.output_spec``); that spec is kept and checked in every case,
+  so the results of a job always concatenate. A result that fails these checks is dropped and
+  counted (``Fleet.stats["rejected_results"]``); it is still acknowledged (the agent must not
+  re-send it forever); when it came from the lease holder it counts as a failed attempt of the
+  task (re-queued, FAILED after ``max_attempts``), otherwise the lease stays as it is.
+* A job the fleet cannot process (an unreadable row, its input files gone) ends FAILED with
+  the reason, and every other job goes on: each job's work runs isolated
+  (:data:`fleet.state.Isolate`).
 * A fleet process killed mid-job resumes from the database without redoing finished tasks.
 
 The summary reports samples/s, each device's share and throughput (samples per second of its
@@ -27,24 +49,31 @@ measures E as the issue defines it, against single-device runs of the same job.)
 from __future__ import annotations
 
 import json
+import logging
+import math
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
 import numpy as np
 
 from sdk import protocol as proto
+from sdk.encoding import encode_job_inputs
 from sdk.errors import JobError, NotFoundError
 
 from .registry import Registry, matches
-from .state import FleetDB, dumps, loads
+from .state import FleetDB, Isolate, dumps, loads
 
-__all__ = ["JobOptions", "JobSummary", "JobController", "create_job", "summary", "write_results"]
+log = logging.getLogger("edgesdk.fleet.jobs")
+
+__all__ = ["JobOptions", "JobSummary", "JobController", "OutputSpec", "create_job", "summary", "collect_outputs",
+           "write_results", "manifest_output_specs"]
 
 FORMATS = ("npz", "jsonl")
 _HEADER_ALLOWANCE = 1024  # a task frame's JSON header and MQTT overhead
+_PIECE_HEADER = 200  # a task piece's frame header without its task id (index, count and total at their widest)
 
 
 @dataclass
@@ -80,6 +109,14 @@ class JobSummary:
     efficiency: Optional[float]
     output: Optional[str]
     outputs: Optional[list[np.ndarray]] = None  # filled by Fleet.run
+    #: task bytes published for the job (every attempt, every piece), and that over its samples
+    bytes_sent: int = 0
+    bytes_per_sample: Optional[float] = None
+    #: how each input travels (sdk.encoding.ENCODINGS) and its bytes per sample on the wire
+    input_encoding: list[str] = field(default_factory=list)
+    input_bytes_per_sample: Optional[int] = None
+    #: samples per task after cutting tasks to the broker's packet limit (the requested batch size at most)
+    task_samples: Optional[int] = None
 
     @property
     def done(self) -> bool:
@@ -92,8 +129,15 @@ class JobSummary:
 
 
 def create_job(db: FleetDB, model: str, inputs: Sequence[np.ndarray], options: JobOptions, *, now: float,
-               output: Optional[str] = None, fmt: str = "npz", max_packet: int = 256 * 1024) -> str:
-    """Store the inputs and the task rows of a new job (state RUNNING)."""
+               output: Optional[str] = None, fmt: str = "npz", max_packet: int = 256 * 1024,
+               manifest: Optional[Mapping[str, Any]] = None) -> str:
+    """Store the inputs and the task rows of a new job (state RUNNING).
+
+    With the model's ``manifest``, inputs are stored as they will travel (:func:`sdk.encoding.
+    encode_job_inputs`: floats for a quantised input are quantised here, once; uint8 for a
+    normalised input stays uint8). Tasks hold ``options.batch_size`` samples at most, and fewer
+    when that many would not fit in one message of ``max_packet`` bytes; a task of one sample
+    that does not fit travels in pieces (:meth:`JobController._dispatch_job`)."""
     options.validate()
     if fmt not in FORMATS:
         raise JobError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
@@ -103,25 +147,28 @@ def create_job(db: FleetDB, model: str, inputs: Sequence[np.ndarray], options: J
     n = int(arrays[0].shape[0])
     if any(a.shape[0] != n for a in arrays):
         raise JobError("the job's inputs have different sample counts")
+    arrays, quant, encodings = encode_job_inputs(arrays, manifest)
     per_sample = sum(a[0].nbytes for a in arrays)
-    fit = max(0, (max_packet - _HEADER_ALLOWANCE) // max(1, per_sample))
-    if options.batch_size > fit:
-        if fit == 0:
-            raise JobError(f"one sample is {per_sample} bytes, over the broker's packet limit of {max_packet}: "
-                           "raise max_packet_size on the broker and the fleet")
-        raise JobError(f"a task of {options.batch_size} samples is {options.batch_size * per_sample} bytes, over the "
-                       f"broker's packet limit of {max_packet}: use --batch-size {fit} or less")
+    fit = max(1, (max_packet - _HEADER_ALLOWANCE) // max(1, per_sample))
+    batch = min(options.batch_size, fit)
+    if batch < options.batch_size:
+        log.info("job on %s: tasks of %d samples (not %d) fit the broker's packet limit of %d bytes%s", model, batch,
+                 options.batch_size, max_packet, "; each travels in pieces" if per_sample + _HEADER_ALLOWANCE > max_packet
+                 else "")
     job_id = uuid.uuid4().hex[:12]
     folder = db.dir / "jobs" / job_id
     folder.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(arrays):
         np.save(folder / f"x{i}.npy", a)
-    bounds = [(s, min(n, s + options.batch_size)) for s in range(0, n, options.batch_size)]
+    bounds = [(s, min(n, s + batch)) for s in range(0, n, batch)]
+    stored = {**asdict(options), "inputs": len(arrays), "requested_batch_size": options.batch_size, "batch_size": batch,
+              "quant": quant if any(q is not None for q in quant) else [], "encodings": encodings,
+              "input_bytes_per_sample": int(per_sample)}
     db.begin()
     try:
         db.execute("INSERT INTO jobs (id, model, state, options, samples, tasks, output, format, created) "
                    "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?)",
-                   (job_id, model, dumps({**asdict(options), "inputs": len(arrays)}), n, len(bounds),
+                   (job_id, model, dumps(stored), n, len(bounds),
                     str(output) if output else None, fmt, now))
         db.executemany("INSERT INTO tasks (id, job, idx, start, stop, state) VALUES (?, ?, ?, ?, ?, 'PENDING')",
                        [(f"{job_id}-{i}", job_id, i, a, b) for i, (a, b) in enumerate(bounds)])
@@ -164,8 +211,17 @@ def summary(db: FleetDB, job_id: str) -> JobSummary:
     rate = done_samples / elapsed if elapsed else None
     total_tp = sum(d["throughput"] for d in devices.values())
     eff = rate / total_tp if rate and total_tp else None
+    try:
+        opts = loads(job["options"])
+    except ValueError:  # a row changed behind the fleet's back: the summary still reads (the job ends FAILED)
+        opts = {}
+    opts = opts if isinstance(opts, dict) else {}
+    sent = int(job["bytes_sent"] or 0)
     return JobSummary(job["id"], job["model"], job["state"], job["reason"], job["samples"], job["tasks"], counts,
-                      done_samples, elapsed, rate, int(dispatches - first), devices, eff, job["output"])
+                      done_samples, elapsed, rate, int(dispatches - first), devices, eff, job["output"],
+                      bytes_sent=sent, bytes_per_sample=sent / job["samples"] if sent and job["samples"] else None,
+                      input_encoding=list(opts.get("encodings") or []),
+                      input_bytes_per_sample=opts.get("input_bytes_per_sample"), task_samples=opts.get("batch_size"))
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -182,26 +238,131 @@ def list_jobs(db: FleetDB) -> list[JobSummary]:
 
 
 def collect_outputs(db: FleetDB, job_id: str) -> list[np.ndarray]:
-    """The job's outputs, one array per model output, in input order (every task must be DONE)."""
-    parts: list[list[np.ndarray]] = []
+    """The job's outputs, one array per model output, in input order (every task must be DONE).
+
+    Results are checked when they are accepted, so they fit together; a row changed behind the
+    fleet's back still gives a :class:`~sdk.errors.JobError`, never a raw numpy or JSON error."""
+    parts: Optional[list[list[np.ndarray]]] = None
     for r in db.all("SELECT idx, state, outputs FROM tasks WHERE job = ? ORDER BY idx", (job_id,)):
         if r["state"] != "DONE":
             raise JobError(f"job {job_id}: task {r['idx']} is {r['state']}, results are incomplete")
-        tensors = [proto.Result.decode_tensor(t) for t in json.loads(r["outputs"])]
-        if not parts:
+        tensors = _stored_outputs(job_id, r["idx"], r["outputs"])
+        if parts is None:
             parts = [[] for _ in tensors]
+        if len(tensors) != len(parts):
+            raise JobError(f"job {job_id}: task {r['idx']} holds {len(tensors)} outputs where task 0 holds "
+                           f"{len(parts)}: the job's stored results are inconsistent, run it again")
         for k, t in enumerate(tensors):
             parts[k].append(t)
-    return [np.concatenate(p, axis=0) for p in parts]
+    try:
+        return [np.concatenate(p, axis=0) for p in parts or []]
+    except ValueError as exc:
+        raise JobError(f"job {job_id}: its stored results do not fit together ({exc}): run it again") from exc
 
 
-def write_results(outputs: Sequence[np.ndarray], path: Path, fmt: str) -> Path:
-    """``.npz`` with ``y`` (one output) or ``y0``, ``y1``...; or JSON lines, one per sample in input order."""
+def _stored_outputs(job_id: str, idx: int, text: Optional[str]) -> list[np.ndarray]:
+    try:
+        return [proto.Result.decode_tensor(t) for t in json.loads(text or "null")]
+    except Exception as exc:  # whatever the row holds: JSON, base64, dtype or shape errors
+        raise JobError(f"job {job_id}: the stored outputs of task {idx} are unreadable "
+                       f"({type(exc).__name__}: {exc}): run the job again") from exc
+
+
+# --- what a task's outputs must be ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output of a task result: its dtype and its shape after the batch dimension (``None``
+    where the model's size is dynamic)."""
+
+    dtype: str
+    shape: tuple[Optional[int], ...]
+
+    def fits(self, array: np.ndarray) -> bool:
+        return (array.dtype == np.dtype(self.dtype) and array.ndim == len(self.shape) + 1
+                and all(d is None or d == n for d, n in zip(self.shape, array.shape[1:])))
+
+    def describe(self) -> str:
+        return f"{self.dtype}[N{''.join(', ' + ('?' if d is None else str(d)) for d in self.shape)}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "OutputSpec":
+        return cls(str(obj["dtype"]), tuple(None if d is None else int(d) for d in obj["shape"]))
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "OutputSpec":
+        return cls(array.dtype.name, tuple(int(d) for d in array.shape[1:]))
+
+
+def manifest_output_specs(manifest: Mapping[str, Any]) -> list[OutputSpec]:
+    """What an agent answers for a bundle with this manifest: each output's dtype (float32 for
+    a quantized integer output, which the agent dequantizes) and shape after the batch dimension."""
+    specs = []
+    for t in manifest["outputs"]:
+        dtype = np.dtype(str(t["dtype"]))
+        quantized = float(t.get("scale") or 0.0) != 0.0 and dtype.kind in "iu"
+        shape = [int(d) for d in t.get("shape") or []]
+        signature = [int(d) for d in t.get("shape_signature") or shape]
+        if len(signature) != len(shape):
+            signature = shape
+        specs.append(OutputSpec("float32" if quantized else dtype.name,
+                                tuple(None if sig <= 0 or d <= 0 else d for d, sig in zip(shape[1:], signature[1:]))))
+    return specs
+
+
+class _UnfitOutputs(ValueError):
+    """A result's outputs do not fit the task (the message says how)."""
+
+
+def decode_outputs(encoded: Any, samples: int, *expected: Optional[Sequence[OutputSpec]]) -> list[np.ndarray]:
+    """Decode a result's outputs (arrays, as a decoded :class:`~sdk.protocol.TaskResult` holds
+    them, or ``Result.encode_tensor`` objects, as stored) and check them: numeric tensors of
+    ``samples`` rows each, fitting every given spec list (``None`` = not known). Raises
+    :class:`_UnfitOutputs` saying what is wrong."""
+    if not isinstance(encoded, list) or not encoded:
+        raise _UnfitOutputs("the result holds no outputs")
+    arrays = []
+    for k, t in enumerate(encoded):
+        try:
+            a = t if isinstance(t, np.ndarray) else proto.Result.decode_tensor(t)
+        except Exception as exc:  # decoders of the past raised binascii, numpy and type errors
+            raise _UnfitOutputs(f"output {k} does not decode: {exc}") from exc
+        if a.dtype.kind not in "biuf" or a.ndim < 1 or a.shape[0] != samples:
+            raise _UnfitOutputs(f"output {k} is {a.dtype.name}{list(a.shape)}; a numeric tensor with {samples} rows "
+                                "(one per sample of the task) was expected")
+        arrays.append(a)
+    for specs in expected:
+        if specs is None:
+            continue
+        if len(specs) != len(arrays) or not all(s.fits(a) for s, a in zip(specs, arrays)):
+            got = ", ".join(OutputSpec.of(a).describe() for a in arrays)
+            want = ", ".join(s.describe() for s in specs)
+            raise _UnfitOutputs(f"outputs {got} do not match {want}")
+    return arrays
+
+
+def result_names(count: int, names: Optional[Sequence[str]] = None) -> list[str]:
+    """The keys of a results ``.npz``: ``y`` for one output; for several, the outputs' signature
+    names (from the model's manifest) when they are known, distinct ids and none of numpy's own
+    ``savez`` arguments, else ``y0``, ``y1``..."""
+    if count == 1:
+        return ["y"]
+    usable = (names is not None and len(names) == count and len(set(names)) == count
+              and all(isinstance(n, str) and proto.ID_PATTERN.fullmatch(n) and n not in ("file", "allow_pickle")
+                      for n in names))
+    return list(names) if usable else [f"y{i}" for i in range(count)]  # type: ignore[arg-type]
+
+
+def write_results(outputs: Sequence[np.ndarray], path: Path, fmt: str, names: Optional[Sequence[str]] = None) -> Path:
+    """``.npz`` with ``y`` (one output) or one array per output named as :func:`result_names` says;
+    or JSON lines, one per sample in input order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "npz":
-        names = ["y"] if len(outputs) == 1 else [f"y{i}" for i in range(len(outputs))]
+        names = result_names(len(outputs), names)
         with open(tmp, "wb") as f:
             np.savez(f, **dict(zip(names, outputs)))
     else:
@@ -212,31 +373,70 @@ def write_results(outputs: Sequence[np.ndarray], path: Path, fmt: str) -> Path:
     return path
 
 
+def _seconds_or_none(value: Any) -> Optional[float]:
+    """A device's reported run time, when it is a plausible one (it feeds the job's figures)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else None
+
+
 @dataclass
 class _Slots:
     capacity: int
     free: int
     models: dict[str, str]
+    prefetch: int = 0
+
+    @property
+    def limit(self) -> int:
+        """Tasks of the device's that may be outstanding at once: running plus queued."""
+        return self.capacity + self.prefetch
+
+
+@dataclass
+class _Round:
+    """What one dispatch round shares between jobs: device presence and tasks outstanding."""
+
+    devices: dict[str, tuple[bool, dict[str, str]]]
+    outstanding: dict[str, int]
+    now: float
+    sent: int = 0
 
 
 class JobController:
     """Dispatches, re-dispatches and collects tasks; called by the fleet's engine thread.
 
-    ``send_task(device, task_id, payload)`` is the seam to MQTT; ``clock`` gives the time.
+    ``send_task(device, task_id, payload)`` is the seam to MQTT; ``clock`` gives the time;
+    ``isolate`` runs one job's work so that its failure marks that job FAILED and leaves the
+    others alone; ``stats`` counts results by verdict (``rejected_results``, ``late_results``...).
     """
 
     def __init__(self, db: FleetDB, registry: Registry, send_task: Callable[[str, str, bytes], None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, isolate: Isolate, stats: MutableMapping[str, int],
+                 max_packet: Callable[[], int] = lambda: 256 * 1024) -> None:
+        self.max_packet = max_packet  # the broker's packet limit as the fleet's connection knows it now
         self.db = db
         self.registry = registry
         self.send_task = send_task
         self.clock = clock
+        self.isolate = isolate
+        self.stats = stats
         self.slots: dict[str, _Slots] = {}
         self._inputs: dict[str, list[np.ndarray]] = {}
+        self._version_specs: dict[tuple[str, str], list[OutputSpec]] = {}
+
+    def _isolated(self, job_id: str, step: Callable[[], None]) -> bool:
+        return self.isolate(f"job {job_id}", step, lambda reason: self.fail(job_id, reason))
+
+    def fail(self, job_id: str, reason: str) -> None:
+        """The fleet cannot process this job: FAILED with ``reason`` (its tasks stay as they are)."""
+        log.error("job %s FAILED: %s", job_id, reason)
+        self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ? AND state = 'RUNNING'",
+                        (reason, self.clock(), job_id))
+        self._inputs.pop(job_id, None)
 
     # --- events -----------------------------------------------------------------------------------
     def on_work_request(self, msg: proto.WorkRequest) -> None:
-        self.slots[msg.device] = _Slots(msg.capacity, msg.free, dict(msg.models))
+        self.slots[msg.device] = _Slots(msg.capacity, msg.free, dict(msg.models), msg.prefetch)
 
     def on_device_offline(self, device: str) -> None:
         self.slots.pop(device, None)
@@ -245,113 +445,214 @@ class JobController:
                         (device, device))
 
     def on_result(self, msg: proto.TaskResult) -> None:
-        row = self.db.one("SELECT t.*, j.options FROM tasks t JOIN jobs j ON j.id = t.job WHERE t.id = ?", (msg.task,))
-        if row is None or row["state"] in ("DONE", "FAILED"):
-            return  # unknown, or a duplicate: the first result of a task wins
-        now = self.clock()
-        error = msg.error
-        samples = row["stop"] - row["start"]
-        if not error:
-            shapes = [t.get("shape", [0])[0] for t in msg.outputs]
-            if not shapes or any(s != samples for s in shapes):
-                error = f"result holds {shapes} samples per output, expected {samples}"
-        if error:
-            opts = loads(row["options"])
-            if row["dispatches"] >= int(opts.get("max_attempts", 5)):
-                self.db.execute("UPDATE tasks SET state = 'FAILED', device = ?, error = ?, done_at = ? WHERE id = ?",
-                                (msg.device, error, now, msg.task))
-            else:
-                self.db.execute("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL, error = ? "
-                                "WHERE id = ?", (f"{msg.device}: {error}", msg.task))
+        """A task's result (``msg.device`` is the device of the topic it came on): taken, counted
+        as a failed attempt, or dropped; see the module docstring for the rules."""
+        row = self.db.one("SELECT t.*, j.model, j.state AS job_state, j.options, j.output_spec FROM tasks t "
+                          "JOIN jobs j ON j.id = t.job WHERE t.id = ?", (msg.task,))
+        if row is None or row["job"] != msg.job:
+            self._reject(msg, "unknown_task", f"job {msg.job} has no task {msg.task}")
+        elif row["state"] in ("DONE", "FAILED") or row["job_state"] != "RUNNING":
+            self.stats["late_results"] += 1  # a duplicate, or a job that ended: the first result of a task won
+        elif row["state"] != "LEASED" or row["device"] != msg.device:
+            holder = f"is leased to {row['device']}" if row["state"] == "LEASED" else f"is {row['state']} (no lease)"
+            self._reject(msg, "not_leased", f"the task {holder}")
+        else:
+            self._isolated(row["job"], lambda: self._from_lease_holder(row, msg))
+
+    def _from_lease_holder(self, row: Any, msg: proto.TaskResult) -> None:
+        if msg.error:
+            self._failed_attempt(row, msg.device, msg.error)
             return
+        if row["version"] and msg.version != row["version"]:
+            self._reject(msg, "wrong_version", f"it comes from version {msg.version!r} of {row['model']}, the task was "
+                                               f"sent for version {row['version']!r}")
+            self._failed_attempt(row, msg.device, f"result from the wrong model version {msg.version!r}")
+            return
+        job_spec = [OutputSpec.from_json(s) for s in loads(row["output_spec"])] if row["output_spec"] else None
+        try:
+            arrays = decode_outputs(msg.outputs, row["stop"] - row["start"],
+                                    self._specs_of_version(row["model"], row["version"] or msg.version), job_spec)
+        except _UnfitOutputs as exc:
+            self._reject(msg, "bad_outputs", str(exc))
+            self._failed_attempt(row, msg.device, f"result refused: {exc}")
+            return
+        if job_spec is None:
+            self.db.execute("UPDATE jobs SET output_spec = ? WHERE id = ?",
+                            (dumps([OutputSpec.of(a).to_json() for a in arrays]), row["job"]))
+        elapsed = _seconds_or_none(msg.elapsed_s)
         self.db.execute("UPDATE tasks SET state = 'DONE', device = ?, elapsed_s = ?, done_at = ?, outputs = ?, "
-                        "lease_until = NULL WHERE id = ?", (msg.device, msg.elapsed_s, now, dumps(msg.outputs), msg.task))
+                        "lease_until = NULL WHERE id = ?",
+                        (msg.device, elapsed, self.clock(), dumps([proto.Result.encode_tensor(a) for a in arrays]),
+                         row["id"]))
+        self.stats["accepted_results"] += 1
+
+    def _failed_attempt(self, row: Any, device: str, error: str) -> None:
+        """An error result, or an unfit one from the lease holder: re-queue, or FAILED after max_attempts."""
+        if row["dispatches"] >= int(loads(row["options"]).get("max_attempts", 5)):
+            self.db.execute("UPDATE tasks SET state = 'FAILED', device = ?, error = ?, done_at = ?, lease_until = NULL "
+                            "WHERE id = ?", (device, error, self.clock(), row["id"]))
+        else:
+            self.db.execute("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL, error = ? "
+                            "WHERE id = ?", (f"{device}: {error}", row["id"]))
+
+    def _reject(self, msg: proto.TaskResult, why: str, detail: str) -> None:
+        log.warning("dropped the result of task %s from %s: %s", msg.task, msg.device, detail)
+        self.stats["rejected_results"] += 1
+        self.stats[f"rejected_results.{why}"] += 1
+
+    def _specs_of_version(self, model: str, version: str) -> Optional[list[OutputSpec]]:
+        """The output specs of ``model`` ``version`` from its manifest, when the fleet holds its bundle."""
+        key = (model, version)
+        if key not in self._version_specs:
+            row = self.db.one("SELECT manifest FROM bundles WHERE model = ? AND version = ? ORDER BY added DESC LIMIT 1",
+                              key)
+            if row is None:
+                return None  # not cached: the bundle may be added later
+            self._version_specs[key] = manifest_output_specs(loads(row["manifest"]))
+        return self._version_specs[key]
+
+    def _output_names(self, job_id: str) -> Optional[list[str]]:
+        """The signature names of the job's outputs, from the manifest of the version its first
+        result came from (None when the fleet holds no such bundle)."""
+        row = self.db.one("SELECT j.model, t.version FROM tasks t JOIN jobs j ON j.id = t.job "
+                          "WHERE t.job = ? AND t.state = 'DONE' ORDER BY t.idx LIMIT 1", (job_id,))
+        if row is None or not row["version"]:
+            return None
+        found = self.db.one("SELECT manifest FROM bundles WHERE model = ? AND version = ? ORDER BY added DESC LIMIT 1",
+                            (row["model"], row["version"]))
+        return None if found is None else [str(o.get("key") or o.get("name")) for o in loads(found["manifest"])["outputs"]]
 
     # --- the periodic step --------------------------------------------------------------------------
     def tick(self) -> None:
+        """Expire leases, dispatch, and finish complete jobs: each job's part isolated."""
         now = self.clock()
-        for r in self.db.all("SELECT t.id, t.device, t.dispatches, j.options FROM tasks t JOIN jobs j ON j.id = t.job "
-                             "WHERE j.state = 'RUNNING' AND t.state = 'LEASED' AND t.lease_until < ?", (now,)):
+        for job in self.db.all("SELECT id, options FROM jobs WHERE state = 'RUNNING'"):
+            self._isolated(job["id"], lambda j=job: self._expire_leases(j, now))
+        self.dispatch()
+        for job in self.db.all("SELECT id, output, format FROM jobs WHERE state = 'RUNNING'"):
+            self._isolated(job["id"], lambda j=job: self._complete(j))
+
+    def _expire_leases(self, job: Any, now: float) -> None:
+        expired = self.db.all("SELECT id, device, dispatches FROM tasks WHERE job = ? AND state = 'LEASED' "
+                              "AND lease_until < ?", (job["id"], now))
+        if not expired:
+            return
+        limit = int(loads(job["options"]).get("max_attempts", 5))
+        for r in expired:
             self.slots.pop(r["device"], None)  # a device that let a lease lapse gets work again once it asks
-            limit = int(loads(r["options"]).get("max_attempts", 5))
             state = "FAILED" if r["dispatches"] >= limit else "PENDING"
             self.db.execute("UPDATE tasks SET state = ?, device = NULL, lease_until = NULL, "
                             "error = 'lease expired on ' || ? WHERE id = ?", (state, r["device"] or "?", r["id"]))
-        self.dispatch()
-        self._complete()
 
     def dispatch(self) -> int:
         """Send pending tasks to devices with free slots; return how many were sent."""
         jobs = self.db.all("SELECT id, model, options FROM jobs WHERE state = 'RUNNING' ORDER BY created")
         if not jobs or not self.slots:
             return 0
-        devices = {r["id"]: (bool(r["online"]), loads(r["tags"])) for r in self.db.all("SELECT id, online, tags FROM devices")}
+        devices = {}
+        for r in self.db.all("SELECT id, online, tags FROM devices"):
+            try:
+                devices[r["id"]] = (bool(r["online"]), loads(r["tags"]))
+            except ValueError:
+                log.warning("device %s has unreadable tags in the database: no tasks for it", r["id"])
         outstanding = {r["device"]: r["n"] for r in self.db.all(
             "SELECT device, COUNT(*) AS n FROM tasks WHERE state = 'LEASED' GROUP BY device")}
-        sent = 0
-        now = self.clock()
+        round_ = _Round(devices, outstanding, self.clock())
         for job in jobs:
-            opts = loads(job["options"])
-            budgets = {}
-            for dev, slot in self.slots.items():
-                online, tags = devices.get(dev, (False, {}))
-                if online and slot.free > 0 and job["model"] in slot.models and matches(tags, opts.get("selector") or {}):
-                    budget = slot.capacity - outstanding.get(dev, 0)
-                    if budget > 0:
-                        budgets[dev] = budget
-            if not budgets:
-                continue
-            want = sum(budgets.values())
-            pending = self.db.all("SELECT id, idx, start, stop, dispatches FROM tasks WHERE job = ? AND state = 'PENDING' "
-                                  "ORDER BY idx LIMIT ?", (job["id"], want))
-            if not pending:
-                continue
-            if self.db.scalar("SELECT started FROM jobs WHERE id = ?", (job["id"],)) is None:
-                self.db.execute("UPDATE jobs SET started = ? WHERE id = ?", (now, job["id"]))
-            inputs = self._job_inputs(job["id"], int(opts.get("inputs", 1)))
-            queue = list(pending)
-            while queue and budgets:  # one task per device per round: spread evenly, then fill
-                for dev in list(budgets):
-                    if not queue:
-                        break
-                    t = queue.pop(0)
-                    task = proto.Task(t["id"], job["id"], job["model"], float(opts["lease_s"]),
-                                      [x[t["start"] : t["stop"]] for x in inputs], attempt=t["dispatches"] + 1)
-                    self.db.execute("UPDATE tasks SET state = 'LEASED', device = ?, lease_until = ?, "
-                                    "dispatches = dispatches + 1 WHERE id = ?", (dev, now + float(opts["lease_s"]), t["id"]))
-                    self.send_task(dev, t["id"], task.to_payload())
-                    outstanding[dev] = outstanding.get(dev, 0) + 1
-                    sent += 1
-                    budgets[dev] -= 1
-                    if budgets[dev] <= 0:
-                        del budgets[dev]
-        return sent
+            self._isolated(job["id"], lambda j=job: self._dispatch_job(j, round_))
+        return round_.sent
 
-    def _complete(self) -> None:
-        for job in self.db.all("SELECT id, output, format FROM jobs WHERE state = 'RUNNING'"):
-            open_tasks = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE job = ? AND state IN ('PENDING', 'LEASED')",
-                                        (job["id"],))
-            if open_tasks:
-                continue
-            now = self.clock()
-            failed = self.db.all("SELECT idx, error FROM tasks WHERE job = ? AND state = 'FAILED' ORDER BY idx LIMIT 3",
-                                 (job["id"],))
-            if failed:
-                n = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE job = ? AND state = 'FAILED'", (job["id"],))
-                reason = f"{n} task(s) failed after every attempt; task {failed[0]['idx']}: {failed[0]['error']}"
+    def _dispatch_job(self, job: Any, round_: _Round) -> None:
+        opts = loads(job["options"])
+        budgets = {}
+        for dev, slot in self.slots.items():
+            online, tags = round_.devices.get(dev, (False, {}))
+            if online and slot.free > 0 and job["model"] in slot.models and matches(tags, opts.get("selector") or {}):
+                budget = slot.limit - round_.outstanding.get(dev, 0)
+                if budget > 0:
+                    budgets[dev] = budget
+        if not budgets:
+            return
+        pending = self.db.all("SELECT id, idx, start, stop, dispatches FROM tasks WHERE job = ? AND state = 'PENDING' "
+                              "ORDER BY idx LIMIT ?", (job["id"], sum(budgets.values())))
+        if not pending:
+            return
+        now = round_.now
+        if self.db.scalar("SELECT started FROM jobs WHERE id = ?", (job["id"],)) is None:
+            self.db.execute("UPDATE jobs SET started = ? WHERE id = ?", (now, job["id"]))
+        inputs = self._job_inputs(job["id"], int(opts.get("inputs", 1)))
+        lease_s = float(opts["lease_s"])
+        queue = list(pending)
+        sent: dict[str, int] = defaultdict(int)
+        round_bytes = 0
+        while queue and budgets:  # one task per device per round: spread evenly, then fill
+            for dev in list(budgets):
+                if not queue:
+                    break
+                t = queue.pop(0)
+                task = proto.Task(t["id"], job["id"], job["model"], lease_s, [x[t["start"] : t["stop"]] for x in inputs],
+                                  attempt=t["dispatches"] + 1, quant=list(opts.get("quant") or []))
+                self.db.execute("UPDATE tasks SET state = 'LEASED', device = ?, lease_until = ?, version = ?, "
+                                "dispatches = dispatches + 1 WHERE id = ?",
+                                (dev, now + lease_s, self.slots[dev].models[job["model"]], t["id"]))
+                for frame in self._frames(dev, task):
+                    self.send_task(dev, t["id"], frame)
+                    round_bytes += len(frame)
+                sent[dev] += 1
+                budgets[dev] -= 1
+                if budgets[dev] <= 0:
+                    del budgets[dev]
+        for dev, n in sent.items():  # counted only now: a job whose step failed sent nothing
+            round_.outstanding[dev] = round_.outstanding.get(dev, 0) + n
+            round_.sent += n
+        if round_bytes:
+            self.db.execute("UPDATE jobs SET bytes_sent = bytes_sent + ? WHERE id = ?", (round_bytes, job["id"]))
+
+    def _frames(self, device: str, task: proto.Task) -> list[bytes]:
+        """What to publish for ``task``: its frame, or its pieces when the frame (with the topic
+        and MQTT's overhead) exceeds the broker's packet limit the fleet knows now."""
+        frame = task.to_payload()
+        limit = self.max_packet()
+        overhead = len(proto.topic(device, "task").encode()) + 16  # as MqttConnection.publish counts
+        if len(frame) + overhead <= limit:
+            return [frame]
+        room = limit - overhead - _PIECE_HEADER - len(task.id)
+        if room < 1:
+            raise JobError(f"the broker's packet limit of {limit} bytes leaves no room for a task piece: raise "
+                           "max_packet_size on the broker")
+        pieces = proto.split_task(frame, task.id, room)
+        self.stats["task_pieces"] += len(pieces)
+        return [p.to_payload() for p in pieces]
+
+    def _complete(self, job: Any) -> None:
+        open_tasks = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE job = ? AND state IN ('PENDING', 'LEASED')",
+                                    (job["id"],))
+        if open_tasks:
+            return
+        now = self.clock()
+        failed = self.db.all("SELECT idx, error FROM tasks WHERE job = ? AND state = 'FAILED' ORDER BY idx LIMIT 3",
+                             (job["id"],))
+        if failed:
+            n = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE job = ? AND state = 'FAILED'", (job["id"],))
+            reason = f"{n} task(s) failed after every attempt; task {failed[0]['idx']}: {failed[0]['error']}"
+            self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
+                            (reason, now, job["id"]))
+            return
+        finished = self.db.scalar("SELECT MAX(done_at) FROM tasks WHERE job = ?", (job["id"],)) or now
+        if job["output"]:
+            try:
+                write_results(collect_outputs(self.db, job["id"]), Path(job["output"]), job["format"],
+                              self._output_names(job["id"]))
+            except JobError as exc:
                 self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
-                                (reason, now, job["id"]))
-                continue
-            finished = self.db.scalar("SELECT MAX(done_at) FROM tasks WHERE job = ?", (job["id"],)) or now
-            if job["output"]:
-                try:
-                    write_results(collect_outputs(self.db, job["id"]), Path(job["output"]), job["format"])
-                except OSError as exc:
-                    self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
-                                    (f"cannot write results to {job['output']}: {exc}", finished, job["id"]))
-                    continue
-            self.db.execute("UPDATE jobs SET state = 'SUCCEEDED', finished = ? WHERE id = ?", (finished, job["id"]))
-            self._inputs.pop(job["id"], None)
+                                (str(exc), finished, job["id"]))
+                return
+            except OSError as exc:
+                self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
+                                (f"cannot write results to {job['output']}: {exc}", finished, job["id"]))
+                return
+        self.db.execute("UPDATE jobs SET state = 'SUCCEEDED', finished = ? WHERE id = ?", (finished, job["id"]))
+        self._inputs.pop(job["id"], None)
 
     def _job_inputs(self, job_id: str, count: int) -> list[np.ndarray]:
         arrays = self._inputs.get(job_id)

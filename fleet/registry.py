@@ -3,6 +3,12 @@
 Presence comes from the agents' retained :class:`~sdk.protocol.Status` (online at connect, the
 Last-Will ``online=False`` when a device dies) and liveness figures from heartbeats. The
 registry keeps the last of each per device in the fleet database.
+
+Who sent a message is what its topic says (the broker's ACL lets a device publish on its own
+topics only), never what the message claims: :func:`read_device_message` is the one decoder of
+device messages for every fleet path that reads them (the engine and
+:meth:`fleet.Fleet.refresh_registry`), and it refuses a message that speaks for another device
+or arrives on a channel that does not carry its kind.
 """
 
 from __future__ import annotations
@@ -11,11 +17,38 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
 from sdk import protocol as proto
-from sdk.errors import ConfigError
+from sdk.errors import ConfigError, ProtocolError
 
+from .deltas import held_bundles, record_held
 from .state import FleetDB, dumps, loads
 
-__all__ = ["DeviceInfo", "Registry", "parse_tags", "matches"]
+__all__ = ["DeviceInfo", "Registry", "parse_tags", "matches", "read_device_message", "SpoofedMessage"]
+
+#: the channel each kind of device message travels on; every other kind comes on ``up``
+_CHANNEL_OF: dict[type, str] = {proto.Status: "status", proto.Heartbeat: "heartbeat"}
+
+
+class SpoofedMessage(ProtocolError):
+    """A well-formed message that speaks for another device than its topic's, or came on the
+    wrong channel: dropped (and counted apart from malformed ones)."""
+
+
+def read_device_message(topic: str, payload: bytes) -> tuple[str, proto.Message]:
+    """Decode a message a device published: ``(device of the topic, message)``.
+
+    Raises :class:`~sdk.errors.ProtocolError` for a topic or payload that does not decode, and
+    :class:`SpoofedMessage` for one whose ``device`` field is not the topic's device or whose
+    kind does not travel on the topic's channel.
+    """
+    device, channel = proto.parse_topic(topic)
+    msg = proto.decode(payload)
+    claimed = getattr(msg, "device", device)
+    if claimed != device:
+        raise SpoofedMessage(f"a {msg.TYPE} on {topic} claims to come from {claimed!r}")
+    expected = _CHANNEL_OF.get(type(msg), "up")
+    if channel != expected:
+        raise SpoofedMessage(f"a {msg.TYPE} on {topic}: it travels on {expected!r}, not {channel!r}")
+    return device, msg
 
 
 @dataclass
@@ -32,6 +65,7 @@ class DeviceInfo:
     accepting_work: bool = True
     heartbeat: dict[str, Any] = field(default_factory=dict)  # model -> {version, p50_ms, requests, errors, ...}
     heartbeat_at: Optional[float] = None
+    bundles: list[str] = field(default_factory=list)  # sha256 of the bundles it reported holding
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +108,14 @@ class Registry:
             "last_seen = excluded.last_seen, status = excluded.status, tags = excluded.tags",
             (status.device, int(status.online), now, now, dumps(status.to_dict()), dumps(status.tags), since),
         )
+        if status.online:  # (a Last-Will's list is as old as the connection: not news)
+            record_held(self.db, status.device, status.bundles, now, replace=True)
         return status.online and not was_online
+
+    def on_install_status(self, msg: proto.InstallStatus, now: float) -> None:
+        """A SUCCEEDED install names the bundle the device holds now."""
+        if msg.state == "SUCCEEDED" and msg.bundle_sha256:
+            record_held(self.db, msg.device, [msg.bundle_sha256], now, replace=False)
 
     def on_heartbeat(self, hb: proto.Heartbeat, now: float) -> None:
         self.db.execute(
@@ -90,14 +131,17 @@ class Registry:
 
     def get(self, device: str) -> Optional[DeviceInfo]:
         row = self.db.one("SELECT * FROM devices WHERE id = ?", (device,))
-        return _info(row) if row else None
+        return _info(row, held_bundles(self.db, device)) if row else None
 
     def list(self, selector: Optional[Mapping[str, str]] = None) -> list[DeviceInfo]:
-        devices = [_info(r) for r in self.db.all("SELECT * FROM devices ORDER BY id")]
+        held: dict[str, list[str]] = {}
+        for r in self.db.all("SELECT device, sha256 FROM device_bundles ORDER BY sha256"):
+            held.setdefault(r["device"], []).append(r["sha256"])
+        devices = [_info(r, held.get(r["id"], [])) for r in self.db.all("SELECT * FROM devices ORDER BY id")]
         return [d for d in devices if matches(d.tags, selector or {})]
 
 
-def _info(row: Any) -> DeviceInfo:
+def _info(row: Any, bundles: list[str]) -> DeviceInfo:
     status = loads(row["status"])
     hb = loads(row["heartbeat"])
     return DeviceInfo(
@@ -105,5 +149,5 @@ def _info(row: Any) -> DeviceInfo:
         agent_version=status.get("agent_version", ""), runtime=status.get("runtime", {}),
         delegates=status.get("delegates", []), models=status.get("models", {}), tags=loads(row["tags"]),
         accepting_work=status.get("accepting_work", True), heartbeat=hb.get("models", {}),
-        heartbeat_at=row["heartbeat_at"],
+        heartbeat_at=row["heartbeat_at"], bundles=bundles,
     )

@@ -16,16 +16,21 @@ After AWS IoT Jobs and Mender. A rollout sends one bundle to its target devices 
   ``max_failure_percent`` aborts the rollout: queued devices are canceled and every device that
   took the new version is rolled back to its previous one (ABORTING → ABORTED).
 
-Rollout states: RUNNING, SUCCEEDED, ABORTING, ABORTED, CANCELED, ROLLING_BACK, ROLLED_BACK.
+Rollout states: RUNNING, SUCCEEDED, ABORTING, ABORTED, CANCELED, ROLLING_BACK, ROLLED_BACK,
+and FAILED: the fleet could not process the rollout (an unreadable row, a bundle missing from
+its store); its reason says what went wrong, its queued devices are canceled, and the fleet
+leaves it alone from then on, so one broken rollout never holds up the others.
 ``cancel`` stops starting devices (those already installing finish); ``rollback`` also rolls
 back every device that took the version. Both are requests written to the database, so any
 process may make them and the controller acts on them.
 
 Everything is in the fleet database: :class:`RolloutController` keeps no state of its own.
+Each rollout's step runs isolated (see :data:`fleet.state.Isolate`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -34,14 +39,18 @@ from typing import Any, Callable, Optional, Sequence
 from sdk import protocol as proto
 from sdk.errors import NotFoundError, RolloutError
 
+from .deltas import DeltaPlanner
 from .registry import Registry
-from .state import FleetDB, dumps, loads
+from .state import FleetDB, Isolate, dumps, loads
 
-__all__ = ["RolloutOptions", "RolloutController", "RolloutView", "create_rollout", "DEVICE_STATES", "FINISHED"]
+log = logging.getLogger("edgesdk.fleet.rollout")
+
+__all__ = ["RolloutOptions", "RolloutController", "RolloutView", "create_rollout", "is_sending", "DEVICE_STATES",
+           "FINISHED"]
 
 DEVICE_STATES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "TIMED_OUT", "ROLLED_BACK", "CANCELED")
 EXECUTED = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ROLLED_BACK")
-FINISHED = ("SUCCEEDED", "ABORTED", "CANCELED", "ROLLED_BACK")
+FINISHED = ("SUCCEEDED", "ABORTED", "CANCELED", "ROLLED_BACK", "FAILED")
 ACTIVE = ("RUNNING", "ABORTING", "ROLLING_BACK")
 
 
@@ -141,8 +150,27 @@ def view(db: FleetDB, rollout_id: str, *, devices: bool = True) -> RolloutView:
         counts[r["state"]] = r["n"]
     rows = db.all("SELECT device, stage, state, reason, previous_version, p50_ms, previous_p50_ms, started, updated "
                   "FROM rollout_devices WHERE rollout = ? ORDER BY position", (rollout_id,)) if devices else []
-    return RolloutView(row["id"], row["model"], row["version"], row["state"], row["reason"], loads(row["options"]),
-                       row["created"], row["finished"], counts, [dict(r) for r in rows])
+    return RolloutView(row["id"], row["model"], row["version"], row["state"], row["reason"],
+                       _shown_options(row["options"]), row["created"], row["finished"], counts, [dict(r) for r in rows])
+
+
+def _shown_options(text: str) -> dict[str, Any]:
+    """The options as stored, for display: an unreadable row must not make the listing fail."""
+    try:
+        options = loads(text)
+    except ValueError:
+        return {"unreadable": str(text)[:80]}
+    return options if isinstance(options, dict) else {"unreadable": str(text)[:80]}
+
+
+def is_sending(db: FleetDB, device: str, bundle_sha256: str) -> bool:
+    """Whether a RUNNING rollout is sending bundle ``bundle_sha256`` (or a delta that rebuilds it)
+    to ``device`` now (the device is IN_PROGRESS): the only case in which the fleet answers that
+    device's chunk requests."""
+    return db.one("SELECT 1 FROM rollouts r JOIN rollout_devices d ON d.rollout = r.id WHERE (r.bundle_sha256 = ? "
+                  "OR r.bundle_sha256 IN (SELECT target FROM deltas WHERE sha256 = ? AND size < full_size)) "
+                  "AND r.state = 'RUNNING' AND d.device = ? AND d.state = 'IN_PROGRESS' LIMIT 1",
+                  (bundle_sha256, bundle_sha256, device)) is not None
 
 
 def list_rollouts(db: FleetDB) -> list[RolloutView]:
@@ -154,6 +182,9 @@ def request(db: FleetDB, rollout_id: str, action: str) -> None:
     row = db.one("SELECT state FROM rollouts WHERE id = ?", (rollout_id,))
     if row is None:
         raise NotFoundError(f"no rollout {rollout_id!r}: list them with edgesdk fleet rollouts")
+    if row["state"] == "FAILED":
+        raise RolloutError(f"rollout {rollout_id} FAILED (the fleet could not process it), and its devices stay as they "
+                           "are: deploy the version you want them on as a new rollout")
     if action == "cancel" and row["state"] != "RUNNING":
         raise RolloutError(f"rollout {rollout_id} is {row['state']}: only a RUNNING rollout can be canceled")
     if action == "rollback" and row["state"] in ("ROLLED_BACK", "ROLLING_BACK", "ABORTING", "ABORTED"):
@@ -169,29 +200,50 @@ class RolloutController:
     """Drives every active rollout from the fleet database; called by the fleet's engine thread.
 
     ``send_install(device, InstallCommand)`` and ``send_rollback(device, RollbackCommand)`` are
-    the seams to MQTT; ``clock`` gives the time.
+    the seams to MQTT; ``clock`` gives the time; ``isolate`` runs one rollout's work so that its
+    failure marks that rollout FAILED and leaves the others alone.
     """
 
     def __init__(self, db: FleetDB, registry: Registry, send_install: Callable[[str, proto.InstallCommand], None],
-                 send_rollback: Callable[[str, proto.RollbackCommand], None], clock: Callable[[], float]) -> None:
+                 send_rollback: Callable[[str, proto.RollbackCommand], None], clock: Callable[[], float], *,
+                 isolate: Isolate, deltas: Optional[DeltaPlanner] = None) -> None:
         self.db = db
+        self.deltas = deltas
         self.registry = registry
         self.send_install = send_install
         self.send_rollback = send_rollback
         self.clock = clock
+        self.isolate = isolate
+
+    def _isolated(self, rid: str, step: Callable[[], None]) -> bool:
+        return self.isolate(f"rollout {rid}", step, lambda reason: self.fail(rid, reason))
+
+    def fail(self, rid: str, reason: str) -> None:
+        """The fleet cannot process this rollout: FAILED with ``reason``, its queued devices canceled."""
+        log.error("rollout %s FAILED: %s", rid, reason)
+        self._cancel_queued(rid, "rollout failed")
+        self._finish(rid, "FAILED", reason)
+
+    def is_sending(self, device: str, bundle_sha256: str) -> bool:
+        return is_sending(self.db, device, bundle_sha256)
 
     # --- events ---------------------------------------------------------------------------------
     def on_install_status(self, msg: proto.InstallStatus) -> None:
-        if not msg.rollout:
-            return
+        """An agent's install or rollback status (``msg.device`` is the topic's device)."""
+        if msg.rollout:
+            self._isolated(msg.rollout, lambda: self._record_install_status(msg))
+
+    def _record_install_status(self, msg: proto.InstallStatus) -> None:
         row = self.db.one("SELECT d.*, r.state AS rstate, r.options, r.version AS rversion FROM rollout_devices d "
                           "JOIN rollouts r ON r.id = d.rollout WHERE d.rollout = ? AND d.device = ?",
                           (msg.rollout, msg.device))
-        if row is None:
-            return
+        if row is None or row["rstate"] == "FAILED":
+            return  # not a device of that rollout, or a rollout the fleet gave up on
         now = self.clock()
         opts = RolloutOptions(**loads(row["options"]))
         key = (msg.rollout, msg.device)
+        if msg.fallback and msg.bundle_sha256:  # a delta did not apply there: that target goes whole from now on
+            DeltaPlanner.record_fallback(self.db, msg.device, msg.bundle_sha256, msg.reason, now)
         if msg.state in ("DOWNLOADING", "VERIFYING"):
             if row["state"] == "IN_PROGRESS":
                 self._set(key, reason=f"{msg.state.lower()}: {msg.reason}".rstrip(": "), updated=now)
@@ -228,7 +280,7 @@ class RolloutController:
         """A device came (back) online: resend what it may have missed."""
         for row in self.db.all("SELECT d.rollout FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout "
                                "WHERE d.device = ? AND d.state = 'IN_PROGRESS' AND r.state = 'RUNNING'", (device,)):
-            self._send_install(row["rollout"], device)
+            self._isolated(row["rollout"], lambda rid=row["rollout"]: self._send_install(rid, device))
 
     def resume(self) -> None:
         """After a fleet restart: resend install commands to devices that were installing (the
@@ -237,12 +289,12 @@ class RolloutController:
         for row in self.db.all("SELECT d.rollout, d.device FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout "
                                "WHERE d.state = 'IN_PROGRESS' AND r.state = 'RUNNING'"):
             if row["device"] in up:
-                self._send_install(row["rollout"], row["device"])
+                self._isolated(row["rollout"], lambda r=row: self._send_install(r["rollout"], r["device"]))
 
     # --- the periodic step ------------------------------------------------------------------------
     def tick(self) -> None:
         for r in self.db.all("SELECT * FROM rollouts WHERE state IN ('RUNNING', 'ABORTING', 'ROLLING_BACK')"):
-            self._step(r)
+            self._isolated(r["id"], lambda r=r: self._step(r))
 
     def _step(self, r: Any) -> None:
         rid, now = r["id"], self.clock()
@@ -329,10 +381,13 @@ class RolloutController:
     def _send_install(self, rid: str, device: str) -> None:
         r = self.db.one("SELECT r.model, r.version, b.sha256, b.size, b.manifest FROM rollouts r "
                         "JOIN bundles b ON b.sha256 = r.bundle_sha256 WHERE r.id = ?", (rid,))
+        if r is None:
+            raise RolloutError(f"rollout {rid}: its bundle is not in the fleet's bundle store any more")
         manifest = loads(r["manifest"])
+        delta = self.deltas.choose(self.db, device, r["sha256"], r["model"], self.clock()) if self.deltas else None
         cmd = proto.InstallCommand(model=r["model"], version=r["version"], bundle_sha256=r["sha256"],
                                    bundle_size=int(r["size"]), rollout=rid,
-                                   min_runtime_version=manifest.get("min_runtime_version"))
+                                   min_runtime_version=manifest.get("min_runtime_version"), delta=delta)
         prev = loads(self.db.scalar("SELECT status FROM devices WHERE id = ?", (device,))).get("models", {}).get(r["model"])
         if prev and prev != r["version"]:
             self._set((rid, device), previous_version=prev)

@@ -15,9 +15,19 @@ One process at a time controls a state directory (a lock file): it alone writes 
 acknowledges the agents' durable messages and sends commands. Its engine thread takes every
 MQTT message off a queue (paho's thread never waits), applies a batch of them in one SQLite
 transaction, commits, and only then acknowledges them to the agents and sends what the batch
-caused (tasks, install and rollback commands); so whatever the fleet acknowledged is on disk,
+caused (tasks, install and rollback commands; bundle chunks, which change nothing, go out at
+once); so whatever the fleet acknowledged is on disk,
 and a fleet killed at any moment resumes from its database (``Fleet.start`` picks up every
 running rollout and job).
+
+Nothing a device sends can stall the engine: a message is read only through
+:func:`fleet.registry.read_device_message` (its sender is the device of its topic), a task
+result only counts from the device holding the task's lease (:mod:`fleet.jobs`), a chunk
+request is answered only for a bundle a running rollout is sending to that device, and each
+job's and each rollout's work runs in its own SAVEPOINT (:meth:`Fleet._isolated`): when it
+raises, only its changes are undone and that job or rollout ends FAILED with the reason, while
+everything else in the same transaction goes on (also after a restart: the FAILED state is
+stored, so the row that broke it is not processed again).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import fcntl
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -43,9 +54,11 @@ from sdk.mqtt import MqttConnection, MqttSettings
 
 from . import jobs as jobs_mod
 from . import rollout as rollout_mod
+from .bundlestore import BundleStore
 from .chunks import ChunkCache
+from .deltas import DeltaPlanner
 from .jobs import JobController, JobOptions, JobSummary
-from .registry import DeviceInfo, Registry, parse_tags
+from .registry import DeviceInfo, Registry, SpoofedMessage, parse_tags, read_device_message
 from .rollout import RolloutController, RolloutOptions, RolloutView
 from .state import FleetDB, default_state_dir, dumps
 
@@ -101,6 +114,7 @@ class Fleet:
         tick: float = 0.2,
         clock: Callable[[], float] = time.time,
         connection_factory: Callable[..., MqttConnection] = MqttConnection,
+        deltas: bool = True,
         **mqtt_options: Any,
     ) -> None:
         self.state_dir = Path(os.path.expanduser(str(state_dir))) if state_dir else default_state_dir()
@@ -118,11 +132,17 @@ class Fleet:
         self._stop = threading.Event()
         self._engine: Optional[threading.Thread] = None
         self._resume = threading.Event()
+        #: step the rollouts now, not at the next tick: a rollout was created, or a device finished
+        self._kick = threading.Event()
         self.conn: Optional[MqttConnection] = None
         self.session = uuid.uuid4().hex
         self.db: Optional[FleetDB] = None
-        self.chunks = ChunkCache(self._bundle_path)
-        self.stats = defaultdict(int)  # messages by kind, duplicates, chunks sent (benchmarks, tests)
+        self.bundles = BundleStore(self.state_dir / "bundles")
+        self.chunks = ChunkCache(self.bundles)
+        #: delta updates (``deltas=False``: always send bundles whole)
+        self.deltas = DeltaPlanner(self.bundles, enabled=deltas)
+        # messages by kind, duplicates, chunks sent, what was dropped and why (benchmarks, tests)
+        self.stats: defaultdict[str, int] = defaultdict(int)
         FleetDB(self.state_dir).close()  # create the schema
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -139,8 +159,10 @@ class Fleet:
             self.db = FleetDB(self.state_dir, create=False)
             self.db.execute("DELETE FROM seen WHERE at < ?", (self.clock() - 30 * 86400,))
             self.registry = Registry(self.db)
-            self.rollouts = RolloutController(self.db, self.registry, self._send_install, self._send_rollback, self.clock)
-            self.jobs = JobController(self.db, self.registry, self._send_task, self.clock)
+            self._rollout_ctl = RolloutController(self.db, self.registry, self._send_install, self._send_rollback,
+                                                  self.clock, isolate=self._isolated, deltas=self.deltas)
+            self._job_ctl = JobController(self.db, self.registry, self._send_task, self.clock, isolate=self._isolated,
+                                          stats=self.stats, max_packet=self._max_packet)
             will = (proto.fleet_topic(), proto.FleetStatus(online=False, session=self.session).to_payload(), 1, True)
             subs = [(proto.subscription("status"), 1), (proto.subscription("heartbeat"), 0),
                     (proto.subscription("up"), 1)]
@@ -207,11 +229,14 @@ class Fleet:
                     queued = len(self._outgoing)
                     try:
                         self._process(topic, payload, acks)
-                    except Exception:  # one bad message must not undo the batch (not acked: the agent keeps it)
-                        log.exception("could not process a message on %s", topic)
+                    except sqlite3.OperationalError:
+                        raise  # the database's fault, not the message's: the whole step is retried
+                    except Exception:  # one bad message must not undo the batch, nor come back forever
+                        log.exception("could not process a message on %s; dropped", topic)
                         self.stats["failed_messages"] += 1
                         self.db.execute("ROLLBACK TO message")
                         del self._outgoing[queued:]
+                        self._acknowledge_dropped(topic, payload, acks)
                     self.db.execute("RELEASE message")
                 if self._unsent_tasks:
                     self.db.executemany("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL "
@@ -220,14 +245,15 @@ class Fleet:
                 connected = self.conn is not None and self.conn.connected.is_set()
                 if connected and self._resume.is_set():
                     self._resume.clear()
-                    self.rollouts.resume()
+                    self._rollout_ctl.resume()
                 now = time.monotonic()
-                if connected and now - last_tick >= self.tick_interval:
+                if connected and (now - last_tick >= self.tick_interval or self._kick.is_set()):
+                    self._kick.clear()
                     last_tick = now
-                    self.rollouts.tick()
-                    self.jobs.tick()
+                    self._rollout_ctl.tick()
+                    self._job_ctl.tick()
                 elif connected and batch:
-                    self.jobs.dispatch()
+                    self._job_ctl.dispatch()
                 self.db.commit()
             except Exception:
                 log.exception("fleet engine step failed; retrying")
@@ -237,41 +263,74 @@ class Fleet:
                 continue
             self._flush(acks)
 
+    def _isolated(self, what: str, step: Callable[[], None], on_failure: Callable[[str], None]) -> bool:
+        """Run one job's or one rollout's step in its own SAVEPOINT (see :data:`fleet.state.Isolate`).
+
+        When the step raises, its database changes and the messages it queued are undone and
+        ``on_failure(reason)`` marks its job or rollout FAILED; the engine's transaction goes on.
+        SQLite's own operational errors (disk full, I/O) are not the unit's fault: they propagate,
+        and the engine retries the whole step."""
+        self.db.execute("SAVEPOINT unit")
+        queued = len(self._outgoing)
+        try:
+            step()
+            return True
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            log.exception("%s could not be processed; it ends FAILED", what)
+            self.db.execute("ROLLBACK TO unit")
+            del self._outgoing[queued:]
+            self.stats["isolated_failures"] += 1
+            on_failure(f"the fleet could not process it: {type(exc).__name__}: {exc}"[:500])
+            return False
+        finally:
+            self.db.execute("RELEASE unit")
+
     def _process(self, topic: str, payload: bytes, acks: dict[str, list[str]]) -> None:
         if topic == proto.fleet_topic():
             return
         try:
-            device, channel = proto.parse_topic(topic)
-            msg = proto.decode(payload)
+            device, msg = read_device_message(topic, payload)
+        except SpoofedMessage as exc:
+            # the topic is what the broker's ACL vouches for; a message speaking for another device is dropped
+            log.warning("ignored %s", exc)
+            self.stats["spoofed"] += 1
+            return
         except ProtocolError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
             self.stats["malformed"] += 1
             return
         now = self.clock()
         self.stats[msg.TYPE] += 1
-        if getattr(msg, "device", device) != device:
-            # the topic is what the broker's ACL vouches for; a message speaking for another device is dropped
-            log.warning("ignored a %s on %s that claims to come from %r", msg.TYPE, topic, getattr(msg, "device", ""))
-            self.stats["spoofed"] += 1
-            return
         if isinstance(msg, proto.Status):
             if self.registry.on_status(msg, now):
-                self.rollouts.on_device_online(device)
+                self._rollout_ctl.on_device_online(device)
             if not msg.online:
-                self.jobs.on_device_offline(device)
+                self._job_ctl.on_device_offline(device)
         elif isinstance(msg, proto.Heartbeat):
             self.registry.on_heartbeat(msg, now)
         elif isinstance(msg, proto.ChunkRequest):
+            # sent at once, not after the batch's commit: a chunk answers a read (the bundle, and
+            # whether a rollout is sending it there), changes nothing, and must not wait for an fsync
             for chunk in self._chunks_for(msg):
-                self._outgoing.append((proto.topic(device, "chunk"), chunk, 1, None))
+                if self.conn is not None and self._publish(proto.topic(device, "chunk"), chunk, 1):
+                    self.stats["chunks_sent"] += 1
         elif isinstance(msg, proto.WorkRequest):
-            self.jobs.on_work_request(msg)
+            self._job_ctl.on_work_request(msg)
         elif isinstance(msg, (proto.InstallStatus, proto.TaskResult, proto.Result)):
             if self.db.first_sight(msg.id, now):
                 if isinstance(msg, proto.InstallStatus):
-                    self.rollouts.on_install_status(msg)
+                    self.registry.on_install_status(msg, now)
+                    self._rollout_ctl.on_install_status(msg)
+                    if msg.state in ("SUCCEEDED", "FAILED", "ROLLED_BACK"):
+                        self._kick.set()  # the stage may be over: start the next devices, or finish, now
+                    if msg.fallback:
+                        self.stats["delta_fallbacks"] += 1
+                    elif msg.state == "SUCCEEDED" and msg.via == "delta":
+                        self.stats["delta_installs"] += 1
                 elif isinstance(msg, proto.TaskResult):
-                    self.jobs.on_result(msg)
+                    self._job_ctl.on_result(msg)
                 else:
                     self.db.execute("INSERT OR IGNORE INTO results (id, device, model, version, key, outputs, meta, ts) "
                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (msg.id, msg.device, msg.model, msg.version,
@@ -280,11 +339,31 @@ class Fleet:
                 self.stats["duplicates"] += 1
             acks[device].append(msg.id)  # acknowledge re-deliveries too: the agent may not have seen our ack
 
+    @staticmethod
+    def _acknowledge_dropped(topic: str, payload: bytes, acks: dict[str, list[str]]) -> None:
+        """Acknowledge a durable message whose processing failed, so its agent stops re-sending a
+        message that would fail the same way every time (it is logged and counted as dropped)."""
+        try:
+            device, msg = read_device_message(topic, payload)
+        except ProtocolError:
+            return
+        if isinstance(msg, (proto.InstallStatus, proto.TaskResult, proto.Result)):
+            acks[device].append(msg.id)
+
     def _chunks_for(self, req: proto.ChunkRequest) -> list[bytes]:
+        """The chunks to answer ``req`` with: none unless a running rollout is sending that
+        bundle to that device (``req.device`` is the device of the topic)."""
+        if not self._rollout_ctl.is_sending(req.device, req.bundle_sha256):
+            log.warning("dropped a chunk request from %s for bundle %.12s: no running rollout is sending it that bundle",
+                        req.device, str(req.bundle_sha256))
+            self.stats["rejected_chunk_requests"] += 1
+            return []
         try:
             return self.chunks.requested(req.bundle_sha256, req.indices)
-        except (OSError, KeyError) as exc:
-            log.warning("%s asked for chunks of an unknown bundle %s: %s", req.device, req.bundle_sha256[:12], exc)
+        except (OSError, ProtocolError) as exc:
+            log.warning("%s asked for chunks of bundle %.12s, which the store cannot give: %s", req.device,
+                        str(req.bundle_sha256), exc)
+            self.stats["rejected_chunk_requests"] += 1
             return []
 
     def _flush(self, acks: Mapping[str, list[str]]) -> None:
@@ -319,9 +398,6 @@ class Fleet:
     def _send_task(self, device: str, task_id: str, payload: bytes) -> None:
         self._outgoing.append((proto.topic(device, "task"), payload, 1, task_id))
 
-    def _bundle_path(self, sha256: str) -> Path:
-        return self.state_dir / "bundles" / f"{sha256}.edgebundle"
-
     # --- registry -------------------------------------------------------------------------------
     def _db(self) -> FleetDB:
         """A short-lived connection for an API call (the schema exists since __init__)."""
@@ -346,12 +422,7 @@ class Fleet:
             raise BundleError(f"{p} is not signed, and agents refuse unsigned bundles: "
                               "sign it with edgesdk bundle sign BUNDLE --key private.pem")
         sha = bundle.digest
-        target = self._bundle_path(sha)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(raw)
-            tmp.replace(target)
+        target = self.bundles.put(sha, raw)
         m = bundle.manifest
         with self._db() as db:
             db.execute("INSERT OR IGNORE INTO bundles (sha256, model, version, size, path, manifest, added) "
@@ -368,11 +439,17 @@ class Fleet:
         opts = RolloutOptions(**options)
         opts.validate()
         sha, manifest = self.add_bundle(bundle)
+        if self.running:  # split and framed here, not by the engine when the first device asks
+            self.chunks.payloads(sha)
         with self._db() as db:
             registry = Registry(db)
             targets = list(dict.fromkeys(devices)) if devices is not None else [d.id for d in registry.list(parse_tags(to))]
-            return rollout_mod.create_rollout(db, registry, bundle_sha256=sha, model=manifest["name"],
-                                              version=manifest["version"], targets=targets, options=opts, now=self.clock())
+            self.deltas.prepare(db, sha, manifest["name"], targets, self.clock())  # made here, not in the engine
+            rid = rollout_mod.create_rollout(db, registry, bundle_sha256=sha, model=manifest["name"],
+                                             version=manifest["version"], targets=targets, options=opts, now=self.clock())
+        self._kick.set()  # committed: a running engine starts it at once instead of at its next tick
+        self._inbox.put((proto.fleet_topic(), b""))  # wakes the engine (messages on that topic are skipped)
+        return rid
 
     def rollout(self, rollout_id: str) -> RolloutView:
         with self._db() as db:
@@ -405,10 +482,23 @@ class Fleet:
         """Create a batch job: ``inputs`` is a path (``.npz``/``.npy``/image folder) or arrays."""
         arrays = self._load_inputs(model, inputs)
         opts = JobOptions(batch_size=batch_size, lease_s=lease_s, max_attempts=max_attempts, selector=parse_tags(to))
-        max_packet = self.conn.max_packet if self.conn is not None else self.settings.max_packet_size
         with self._db() as db:
             return jobs_mod.create_job(db, model, arrays, opts, now=self.clock(), output=str(output) if output else None,
-                                       fmt=fmt, max_packet=max_packet)
+                                       fmt=fmt, max_packet=self._max_packet(), manifest=self._manifest_of(model))
+
+    def _max_packet(self) -> int:
+        """The broker's packet limit as the fleet knows it: its own setting, lowered by what the
+        broker announced at connect (MQTT 5's Maximum Packet Size)."""
+        return self.conn.max_packet if self.conn is not None else self.settings.max_packet_size
+
+    def _manifest_of(self, model: str) -> Optional[dict[str, Any]]:
+        """The manifest of the newest bundle of ``model`` this fleet holds (None: none): how the
+        job's inputs are encoded (a device running another version re-scales them itself)."""
+        import json
+
+        with self._db() as db:
+            row = db.one("SELECT manifest FROM bundles WHERE model = ? ORDER BY added DESC LIMIT 1", (model,))
+        return None if row is None else json.loads(row["manifest"])
 
     def job(self, job_id: str) -> JobSummary:
         with self._db() as db:
@@ -465,7 +555,12 @@ class Fleet:
         import json
 
         manifest = json.loads(row["manifest"])
-        specs = [InputSpec(str(t.get("name", f"x{i}")), tuple(int(d) for d in t["shape"]), "float32")
+        # by signature name (a .npz may hold one array per input name), in the model's own input order;
+        # integer/boolean inputs that are not quantized (token ids, masks) keep their dtype
+        # an input with a uint8 normalisation takes image folders as uint8 pixels (1 byte a value on the wire)
+        specs = [InputSpec(str(t.get("key") or t.get("name", f"x{i}")), tuple(int(d) for d in t["shape"]),
+                           "float32" if t.get("scale") or np.dtype(str(t["dtype"])).kind == "f" else str(t["dtype"]),
+                           pixels=t.get("normalization") is not None)
                  for i, t in enumerate(manifest["inputs"])]
         vr = tuple(manifest["inputs"][0].get("value_range", (0.0, 1.0)))
         return load_dataset(path, specs, what="job input", value_range=vr).xs  # type: ignore[arg-type]
@@ -509,9 +604,11 @@ class Fleet:
             with self._db() as db:
                 registry = Registry(db)
                 while not received.empty():
+                    topic, payload = received.get()
                     try:
-                        msg = proto.decode(received.get()[1])
-                    except ProtocolError:
+                        _, msg = read_device_message(topic, payload)
+                    except ProtocolError as exc:  # malformed, or speaking for another device than its topic's
+                        log.warning("ignored a status on %s: %s", topic, exc)
                         continue
                     if isinstance(msg, proto.Status):
                         registry.on_status(msg, self.clock())

@@ -3,23 +3,30 @@
 For tests and benchmarks at fleet scale (1,000 devices on a 2-core machine): each simulated
 device has its own topics, retained status, durable outbox (in memory, re-sent until the fleet
 acknowledges), chunked bundle transfer (every chunk and the reassembled bundle checked against
-their sha256), rollback, free-slot announcements and batch tasks. What is simulated:
+their sha256), rollback, free-slot announcements and batch tasks (large ones in pieces,
+reassembled by the agent's own :class:`sdk.pieces.Reassembler`). What is simulated:
 
 * inference: a task of N samples "takes" ``infer_s`` × N seconds (a timer, not a CPU) and its
   output is an echo, the first ``output_width`` values of each sample (so results can be checked
-  against the inputs, in order);
+  against the inputs, in order); at most ``capacity`` tasks run at once, ``prefetch`` more are
+  held queued, and what a device announces and declines follows the agent's rules
+  (:meth:`sdk.protocol.WorkRequest.of_device`, :meth:`~sdk.protocol.WorkRequest.holds_too_many`);
 * install: ``install_s`` seconds after the bundle is complete; versions in ``fail_versions``
   fail; ``p50_ms`` (a number, or ``{version: ms}``) is the latency the device reports, so a
   latency regression can be staged;
 * devices share MQTT connections (``per_connection`` devices each), so there is no per-device
   Last-Will: :meth:`SimulatedDevices.kill` publishes the retained offline status a Last-Will
-  would and drops the device's running tasks, as a crash does.
+  would and drops the device's running tasks, as a crash does;
+* hashing: the chunk window and the chunk and whole-blob checks are the agent's own
+  (:mod:`sdk.chunkflow`), but bytes one simulated device has already hashed are compared, not
+  hashed again, by the others (:class:`sdk.chunkflow.HashMemo`): they share one CPU where real
+  devices each have theirs. Bytes that differ are hashed and refused as the agent would.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import hashlib
 import heapq
 import itertools
 import logging
@@ -31,11 +38,17 @@ from typing import Any, Callable, Mapping, Optional, Union
 import numpy as np
 
 import sdk
+from sdk import delta as delta_mod
 from sdk import protocol as proto
+from sdk.chunkflow import ChunkWindow, HashMemo, blob_matches, chunk_fits
 from sdk.errors import BrokerError, ProtocolError
 from sdk.mqtt import MqttConnection, MqttSettings
+from sdk.pieces import PieceRefused, Reassembler
 
 log = logging.getLogger("edgesdk.fleet.sim")
+
+#: Mosquitto's default ``max_queued_messages``: QoS-1 messages it holds for one connection before dropping
+_BROKER_QUEUE = 1000
 
 __all__ = ["SimulatedDevices"]
 
@@ -48,10 +61,20 @@ class _Device:
     conn: Any = None
     alive: bool = True
     previous: dict[str, str] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)  # tasks held: running or queued
+    queued: collections.deque = field(default_factory=collections.deque)  # held tasks waiting for a slot
+    busy: int = 0  # tasks running now (at most capacity)
     outbox: dict[str, list[Any]] = field(default_factory=dict)  # id -> [topic, payload, sent_at]
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks_done: int = 0
+    held: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, version) -> bundle sha256
+    installs: list[tuple[str, str]] = field(default_factory=list)  # (version, "full" | "delta") as installed
+    pieces: Optional[Reassembler] = None  # made at a device's first task piece
+
+    def bundles(self) -> list[str]:
+        """The sha256s of the bundles it holds: those of each model's active and previous version."""
+        keep = {(m, v) for m, v in self.models.items()} | {(m, v) for m, v in self.previous.items()}
+        return sorted({sha for key, sha in self.held.items() if key in keep})
 
 
 class SimulatedDevices:
@@ -73,9 +96,13 @@ class SimulatedDevices:
         per_connection: int = 100,
         resend_after: float = 10.0,
         announce_interval: float = 5.0,
+        max_task_bytes: int = 64 << 20,
+        prefetch: int = 0,
     ) -> None:
         self.settings = settings or MqttSettings.from_url(broker)
         self.capacity, self.infer_s, self.install_s = capacity, infer_s, install_s
+        #: tasks each device holds queued beyond the ``capacity`` it runs, announced as the agent does
+        self.prefetch = prefetch
         self.p50_ms, self.fail_versions, self.output_width = p50_ms, tuple(fail_versions), output_width
         self.per_connection = max(1, per_connection)
         self.resend_after, self.announce_interval = resend_after, announce_interval
@@ -92,6 +119,13 @@ class SimulatedDevices:
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
         self._fleet_session = ""
+        self._blobs: dict[str, bytes] = {}  # bundle bytes by sha256, shared by every device holding one
+        #: chunks and blobs already hashed by one simulated device: the others compare instead (they
+        #: share this process's CPU, where real devices each hash on their own; see sdk.chunkflow)
+        self.hashes = HashMemo()
+        self.max_task_bytes = max_task_bytes
+        #: messages dropped by kind (``task-piece``: refused or timed-out pieces of large tasks)
+        self.dropped: collections.Counter[str] = collections.Counter()
 
     @property
     def ids(self) -> list[str]:
@@ -144,6 +178,8 @@ class SimulatedDevices:
         with self._lock:
             d.alive = False
             d.running.clear()
+            d.queued.clear()
+            d.busy = 0
         self._status(d, online=False)
 
     def revive(self, device: str) -> None:
@@ -156,6 +192,10 @@ class SimulatedDevices:
     def models(self, device: str) -> dict[str, str]:
         return dict(self.devices[device].models)
 
+    def installs(self, device: str) -> list[tuple[str, str]]:
+        """``(version, "full" | "delta")`` of every install the device completed, in order."""
+        return list(self.devices[device].installs)
+
     # --- outgoing ------------------------------------------------------------------------------
     def _publish(self, d: _Device, channel: str, payload: bytes, retain: bool = False) -> None:
         try:
@@ -165,15 +205,16 @@ class SimulatedDevices:
 
     def _status(self, d: _Device, online: bool = True) -> None:
         s = proto.Status(device=d.id, online=online, agent_version=f"{sdk.__version__}-sim",
-                         runtime={"name": "simulated"}, delegates=["cpu"], models=dict(d.models), tags=d.tags)
+                         runtime={"name": "simulated"}, delegates=["cpu"], models=dict(d.models), tags=d.tags,
+                         bundles=d.bundles())
         self._publish(d, "status", s.to_payload(), retain=True)
 
     def _announce(self, d: _Device) -> None:
         if not d.alive:
             return
-        free = max(0, self.capacity - len(d.running)) if d.models else 0
-        msg = proto.WorkRequest(device=d.id, models=dict(d.models), capacity=self.capacity, free=free,
-                                running=sorted(d.running))
+        with self._lock:
+            held = list(d.running)
+        msg = proto.WorkRequest.of_device(d.id, d.models, self.capacity, self.prefetch, held)
         self._publish(d, "up", msg.to_payload())
 
     def _durable(self, d: _Device, msg: proto.Message) -> None:
@@ -203,7 +244,7 @@ class SimulatedDevices:
         for sha, t in list(d.transfers.items()):
             if everything or now - t["seen"] > 3.0:
                 t["seen"] = now
-                self._request_chunks(d, sha)
+                self._request_chunks(d, sha, restart=True)  # what was in flight is presumed lost
 
     # --- incoming --------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: bytes) -> None:
@@ -226,7 +267,11 @@ class SimulatedDevices:
         if channel == "chunk":
             self._on_chunk(d, proto.Chunk.from_payload(payload))
         elif channel == "task":
-            self._on_task(d, proto.Task.from_payload(payload))
+            msg = proto.decode_task_channel(payload)
+            if isinstance(msg, proto.TaskPiece):
+                self._on_piece(d, msg)
+            else:
+                self._on_task(d, msg)
         else:
             msg = proto.decode(payload)
             if isinstance(msg, proto.Ack):
@@ -246,43 +291,86 @@ class SimulatedDevices:
         return float(self.p50_ms)
 
     def _report(self, d: _Device, cmd: Any, state: str, version: str, reason: str = "", **extra: Any) -> None:
-        self._durable(d, proto.InstallStatus(device=d.id, model=cmd.model, version=version, state=state, reason=reason,
+        self._durable(d, proto.InstallStatus(device=d.id, model=cmd.model, version=version, state=state, reason=proto.clip_text(reason),
                                              rollout=cmd.rollout, **extra))
+
+    def _base(self, d: _Device, cmd: proto.InstallCommand) -> Optional[bytes]:
+        """The bytes of the delta's base when this device holds it (by sha256, as an agent looks it up)."""
+        sha = cmd.delta["base_sha256"] if cmd.delta else None
+        return self._blobs.get(sha) if sha in d.bundles() else None
 
     def _on_install(self, d: _Device, cmd: proto.InstallCommand) -> None:
         if d.models.get(cmd.model) == cmd.version:
             self._report(d, cmd, "SUCCEEDED", cmd.version, "already active", previous_version=d.previous.get(cmd.model))
             return
-        if cmd.bundle_sha256 not in d.transfers:
-            d.transfers[cmd.bundle_sha256] = {"cmd": cmd, "chunks": {}, "seen": time.monotonic()}
-        self._report(d, cmd, "DOWNLOADING", cmd.version, f"{cmd.chunks} chunks to fetch")
-        self._request_chunks(d, cmd.bundle_sha256)
+        if any(t["cmd"].bundle_sha256 == cmd.bundle_sha256 for t in d.transfers.values()):
+            for sha, t in list(d.transfers.items()):
+                if t["cmd"].bundle_sha256 == cmd.bundle_sha256:
+                    self._request_chunks(d, sha, restart=True)  # joins the transfer running for that bundle
+            return
+        note = "" if cmd.delta is None or self._base(d, cmd) is not None else "the delta's base is not on this device"
+        self._fetch(d, cmd, cmd.delta_blob() if cmd.delta is not None and not note else cmd, note)
 
-    def _request_chunks(self, d: _Device, sha: str) -> None:
+    def _fetch(self, d: _Device, cmd: proto.InstallCommand, blob: proto.InstallCommand, note: str = "") -> None:
+        """Fetch ``blob``: ``cmd``'s bundle, or its delta; ``note`` says why a delta is not used."""
+        # the devices of a connection share the broker's queue for it: their windows together stay within it
+        window = max(1, min(blob.window, _BROKER_QUEUE // self.per_connection))
+        d.transfers[blob.bundle_sha256] = {"cmd": cmd, "blob": blob, "chunks": {}, "seen": time.monotonic(),
+                                           "window": ChunkWindow(blob.chunks, window)}
+        via = "full" if blob is cmd else "delta"
+        extra = f" (delta not used: {note})" if note else ""
+        self._report(d, cmd, "DOWNLOADING", cmd.version, f"{blob.chunks} chunks to fetch{extra}",
+                     bundle_sha256=cmd.bundle_sha256, via=via, fallback=bool(note))
+        self._request_chunks(d, blob.bundle_sha256)
+
+    def _request_chunks(self, d: _Device, sha: str, *, restart: bool = False) -> None:
+        """Ask for what the transfer's window allows now, as the agent does (:mod:`sdk.chunkflow`)."""
         t = d.transfers.get(sha)
         if t is None:
             return
-        missing = [i for i in range(t["cmd"].chunks) if i not in t["chunks"]]
-        if missing:
-            self._publish(d, "up", proto.ChunkRequest(device=d.id, bundle_sha256=sha, indices=missing).to_payload())
+        window: ChunkWindow = t["window"]
+        if restart:
+            window.restart()
+        indices = window.take()
+        if indices:
+            self._publish(d, "up", proto.ChunkRequest(device=d.id, bundle_sha256=sha, indices=indices).to_payload())
 
     def _on_chunk(self, d: _Device, chunk: proto.Chunk) -> None:
         t = d.transfers.get(chunk.bundle_sha256)
-        if t is None or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+        if t is None or not chunk_fits(t["blob"], chunk, self.hashes):
             return
         t["chunks"][chunk.index] = chunk.data
         t["seen"] = time.monotonic()
+        t["window"].received(chunk.index)
         cmd: proto.InstallCommand = t["cmd"]
-        if len(t["chunks"]) < cmd.chunks:
+        blob: proto.InstallCommand = t["blob"]
+        if len(t["chunks"]) < blob.chunks:
+            self._request_chunks(d, chunk.bundle_sha256)  # refill the window
             return
         del d.transfers[chunk.bundle_sha256]
-        data = b"".join(t["chunks"][i] for i in range(cmd.chunks))
-        if hashlib.sha256(data).hexdigest() != cmd.bundle_sha256:
-            self._report(d, cmd, "FAILED", cmd.version, "reassembled bundle does not match its sha256")
+        data = b"".join(t["chunks"][i] for i in range(blob.chunks))
+        via = "full" if blob is cmd else "delta"
+        if blob is not cmd:  # the agent's own rebuild: sdk.delta, bounded, checked against the bundle's sha256
+            try:
+                if not blob_matches(blob, data, self.hashes):
+                    raise delta_mod.DeltaError("the delta did not arrive intact")
+                base = self._base(d, cmd)
+                if base is None:
+                    raise delta_mod.DeltaError("the delta's base is no longer on this device")
+                data = delta_mod.apply_delta(base, data, cmd.delta["method"], size=cmd.bundle_size,
+                                             sha256=cmd.bundle_sha256)
+            except delta_mod.DeltaError as exc:
+                self._fetch(d, cmd, cmd, str(exc))
+                return
+        elif not blob_matches(cmd, data, self.hashes):
+            self._report(d, cmd, "FAILED", cmd.version, "reassembled bundle does not match its sha256",
+                         bundle_sha256=cmd.bundle_sha256, via=via)
             return
-        self._later(self.install_s, lambda: self._installed(d, cmd))
+        with self._lock:
+            self._blobs.setdefault(cmd.bundle_sha256, data)
+        self._later(self.install_s, lambda: self._installed(d, cmd, via))
 
-    def _installed(self, d: _Device, cmd: proto.InstallCommand) -> None:
+    def _installed(self, d: _Device, cmd: proto.InstallCommand, via: str = "full") -> None:
         if not d.alive:
             return
         if cmd.version in self.fail_versions:
@@ -293,8 +381,10 @@ class SimulatedDevices:
             d.models[cmd.model] = cmd.version
             if old:
                 d.previous[cmd.model] = old
+            d.held[(cmd.model, cmd.version)] = cmd.bundle_sha256
+            d.installs.append((cmd.version, via))
         self._report(d, cmd, "SUCCEEDED", cmd.version, previous_version=old, p50_ms=self._p50(cmd.version),
-                     previous_p50_ms=self._p50(old))
+                     previous_p50_ms=self._p50(old), bundle_sha256=cmd.bundle_sha256, via=via)
         self._status(d)
         self._announce(d)
 
@@ -311,25 +401,61 @@ class SimulatedDevices:
         self._report(d, cmd, "ROLLED_BACK", target, previous_version=current)
         self._status(d)
 
+    def _on_piece(self, d: _Device, piece: proto.TaskPiece) -> None:
+        """A piece of a task too large for one message: reassembled as the agent does (sdk.pieces)."""
+        with self._lock:
+            if d.pieces is None:
+                d.pieces = Reassembler(max_bytes=self.max_task_bytes, max_tasks=max(4, 2 * self.capacity),
+                                       on_discard=lambda why: self._dropped(d, why))
+        try:
+            whole = d.pieces.add(piece)
+        except PieceRefused as exc:
+            self._dropped(d, str(exc))
+            return
+        if whole is not None:
+            self._on_task(d, proto.Task.from_payload(whole))
+
+    def _dropped(self, d: _Device, why: str) -> None:
+        log.debug("sim %s: dropped a task piece: %s", d.id, why)
+        with self._lock:
+            self.dropped["task-piece"] += 1
+
     def _on_task(self, d: _Device, task: proto.Task) -> None:
+        """Hold the task (declined past what the agent would hold) and run it when a slot is free:
+        at most ``capacity`` at once, the rest queued in arrival order, as the agent does."""
         with self._lock:
             if task.id in d.running:
                 return
+            if proto.WorkRequest.holds_too_many(len(d.running), self.capacity, self.prefetch):
+                log.debug("sim %s: declined task %s: too many tasks held", d.id, task.id)
+                return  # the lease re-dispatches it
             d.running.add(task.id)
-        self._later(self.infer_s * task.count, lambda: self._task_done(d, task))
+            d.queued.append(task)
+        self._start_next(d)
+
+    def _start_next(self, d: _Device) -> None:
+        start = []
+        with self._lock:
+            while d.queued and d.busy < self.capacity:
+                d.busy += 1
+                start.append(d.queued.popleft())
+        for task in start:
+            self._later(self.infer_s * task.count, lambda t=task: self._task_done(d, t))
 
     def _task_done(self, d: _Device, task: proto.Task) -> None:
         with self._lock:
             if not d.alive or task.id not in d.running:
                 return  # the device "crashed" meanwhile
+            d.busy -= 1
         flat = np.asarray(task.inputs[0], dtype=np.float32).reshape(task.count, -1)[:, : self.output_width]
         msg = proto.TaskResult(device=d.id, job=task.job, task=task.id, model=task.model,
-                               version=d.models.get(task.model, ""), outputs=[proto.Result.encode_tensor(flat)],
+                               version=d.models.get(task.model, ""), outputs=[flat],
                                elapsed_s=self.infer_s * task.count, samples=task.count)
         self._durable(d, msg)
         with self._lock:
             d.running.discard(task.id)
             d.tasks_done += 1
+        self._start_next(d)
         self._announce(d)
 
     # --- timers ------------------------------------------------------------------------------------
@@ -367,5 +493,5 @@ class SimulatedDevices:
                 for d in self.devices.values():
                     if d.alive and d.conn is not None and d.conn.connected.is_set():
                         self._resend(d)
-                        if announce and len(d.running) < self.capacity and d.models:
+                        if announce and len(d.running) < self.capacity + self.prefetch and d.models:
                             self._announce(d)

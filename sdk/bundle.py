@@ -4,7 +4,8 @@ A bundle is a zip file (``.edgebundle``) holding:
 
 ``manifest.json``
     What the model is and how it was made: name, version, created-at, source model digest,
-    target, quantization recipe, input/output specs (shape, dtype, scale, zero point), every op
+    target, quantization recipe, input/output specs (shape, dtype, scale, zero point; per input,
+    optionally the uint8 ``normalization`` of :mod:`sdk.encoding`), every op
     with its version and the minimum runtime version, the conversion report, the golden
     input/output check, and the sha256 and size of every other file in the bundle.
 ``model.tflite`` (and, for the Edge TPU, ``model_edgetpu.tflite`` + the compiler log)
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import signing
 from .errors import BundleInvalidError, SignatureError
+from .paths import SAFE_NAME
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,6 +82,15 @@ class Manifest:
                 f"manifest schema {data['schema']!r} is not supported (this edgesdk reads {BUNDLE_SCHEMA}): "
                 "upgrade edgesdk or re-create the bundle"
             )
+        for key in ("name", "version"):
+            if type(data[key]) is not str or not SAFE_NAME.fullmatch(data[key]):
+                raise BundleInvalidError(
+                    f"manifest {key} {str(data[key])[:80]!r} cannot name a model on devices (letters, digits, '.', '_', "
+                    "'-'; at most 128, starting with a letter or digit): re-create the bundle with edgesdk convert --name/"
+                    "--model-version")
+        from .encoding import check_manifest_inputs
+
+        check_manifest_inputs(data["inputs"])  # e.g. each input's normalization (sdk.encoding)
         self.data: dict[str, Any] = dict(data)
 
     # --- accessors -------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Calibration, evaluation and training data: ``.npz``, ``.npy`` or a folder of images.
 
-* ``.npz``: ``x`` (and optional integer labels ``y``); a multi-input model takes ``x0``, ``x1``...
+* ``.npz``: ``x`` (and optional integer labels ``y``); a multi-input model takes its inputs by
+  name (one array per input name) or ``x0``, ``x1``... in the order the converter lists them.
 * ``.npy``: inputs only.
 * a folder of images (png/jpg/bmp/gif/webp): resized to the model's input height and width,
-  converted to 1 or 3 channels as the input needs, scaled to ``value_range`` (default [0, 1]).
+  converted to 1 or 3 channels as the input needs, scaled to ``value_range`` (default [0, 1]),
+  or kept as uint8 pixels for an input with a uint8 normalisation (``InputSpec.pixels``).
   Images in sub-folders are labelled by the sorted index of their sub-folder (ImageNet layout).
 
 Every array is checked against the model's input shape here, so a wrong shape is reported
@@ -25,7 +27,7 @@ from sdk.errors import DataError
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
-__all__ = ["Dataset", "InputSpec", "load_dataset"]
+__all__ = ["Dataset", "InputSpec", "load_dataset", "synthetic_dataset"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    #: the input has a uint8 normalisation (:mod:`sdk.encoding`): image folders load as uint8
+    #: pixels and uint8 arrays keep their dtype, so they travel as 1 byte per value
+    pixels: bool = False
 
 
 @dataclass
@@ -44,6 +49,8 @@ class Dataset:
     xs: list[np.ndarray]
     y: Optional[np.ndarray]
     source: str
+    #: the model input each array of ``xs`` feeds, by name (None: by position)
+    names: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return int(self.xs[0].shape[0])
@@ -51,7 +58,12 @@ class Dataset:
     def take(self, n: Optional[int]) -> "Dataset":
         if n is None or n >= len(self):
             return self
-        return Dataset([x[:n] for x in self.xs], None if self.y is None else self.y[:n], self.source)
+        return Dataset([x[:n] for x in self.xs], None if self.y is None else self.y[:n], self.source, self.names)
+
+    def named(self) -> dict[str, np.ndarray]:
+        """The inputs by model input name (``x0``, ``x1``... when the names are unknown)."""
+        names = self.names or [f"x{i}" for i in range(len(self.xs))]
+        return dict(zip(names, self.xs))
 
     def sample(self, i: int) -> list[np.ndarray]:
         """Sample ``i`` as a batch of one per input."""
@@ -63,7 +75,7 @@ class Dataset:
 
 
 def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    Image = require("PIL.Image", "fleet", "to read image folders")
+    Image = require("PIL.Image", ("converter", "fleet"), "to read image folders")
     if len(spec.shape) != 4:
         raise DataError(
             f"image folder {folder} given, but model input {spec.name!r} has shape {list(spec.shape)}, "
@@ -87,6 +99,9 @@ def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float]) -> 
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
         arrays.append(arr.reshape(height, width, channels))
+    if spec.pixels:
+        return np.stack(arrays).astype(np.uint8), (np.array([label for _, label in files], dtype=np.int64)
+                                                   if labelled else None)
     low, high = value_range
     x = np.stack(arrays) / 255.0 * (high - low) + low
     y = np.array([label for _, label in files], dtype=np.int64) if labelled else None
@@ -106,6 +121,8 @@ def _check(x: np.ndarray, spec: InputSpec, what: str, source: str) -> np.ndarray
         )
     if x.shape[0] == 0:
         raise DataError(f"{what} data {source} is empty")
+    if spec.pixels and x.dtype == np.uint8:
+        return x
     return x.astype(np.dtype(spec.dtype), copy=False)
 
 
@@ -138,12 +155,16 @@ def load_dataset(
             with np.load(p, allow_pickle=False) as npz:
                 keys = set(npz.files)
                 count = len(inputs) if inputs is not None else max(1, sum(f"x{i}" in keys for i in range(len(keys))))
-                if "x" in keys and count == 1:
+                if inputs is not None and all(s.name in keys for s in inputs) and not (count == 1 and "x" in keys):
+                    xs = [npz[s.name] for s in inputs]
+                elif "x" in keys and count == 1:
                     xs = [npz["x"]]
                 elif all(f"x{i}" in keys for i in range(count)):
                     xs = [npz[f"x{i}"] for i in range(count)]
                 else:
                     names = "x" if count == 1 else ", ".join(f"x{i}" for i in range(count))
+                    if inputs is not None and count > 1:
+                        names += " or the input names " + ", ".join(s.name for s in inputs)
                     raise DataError(f"{what} data {p} has arrays {sorted(keys)}; expected {names} (and optional y)")
                 y = npz["y"] if "y" in keys else None
         except (OSError, ValueError) as exc:
@@ -167,4 +188,26 @@ def load_dataset(
         y = np.asarray(y)
         if y.shape[0] != xs[0].shape[0]:
             raise DataError(f"{what} data {p}: {y.shape[0]} labels for {xs[0].shape[0]} samples")
-    return Dataset(xs, y, source).take(limit)
+    return Dataset(xs, y, source, None if inputs is None else [s.name for s in inputs]).take(limit)
+
+
+def synthetic_dataset(inputs: Sequence[InputSpec], count: int, *, seed: int = 0,
+                      ranges: Optional[dict[str, tuple[float, float]]] = None,
+                      float_range: tuple[float, float] = (0.0, 1.0), int_range: tuple[int, int] = (0, 2)) -> Dataset:
+    """``count`` random samples shaped and typed as ``inputs``: floats uniform in ``float_range``,
+    integers (token ids) uniform in ``[low, high)`` of ``int_range``, booleans (masks) half true;
+    ``ranges`` overrides the range per input name. For measuring agreement when no data is given,
+    and for calibrating models whose data is not at hand."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for spec in inputs:
+        shape = (count, *[max(1, int(d)) for d in spec.shape[1:]])
+        dtype = np.dtype(spec.dtype)
+        low, high = (ranges or {}).get(spec.name, float_range if dtype.kind == "f" else int_range)
+        if dtype.kind == "b":
+            xs.append(rng.random(shape) < 0.5)
+        elif dtype.kind in "iu":
+            xs.append(rng.integers(int(low), max(int(low) + 1, int(high)), size=shape).astype(dtype))
+        else:
+            xs.append((low + (high - low) * rng.random(shape)).astype(dtype))
+    return Dataset(xs, None, "synthetic", [s.name for s in inputs])

@@ -85,13 +85,18 @@ class MissingDependencyError(EdgeSdkError):
 
     exit_code = 3
 
-    def __init__(self, module: str, extra: str, purpose: str = "") -> None:
+    def __init__(self, module: str, extra: str | tuple[str, ...], purpose: str = "") -> None:
+        """``extra``: the extra that brings ``module``, or every role's extra that does (a package
+        shared by the agent and the fleet names both, since either role may be the one asking)."""
+        extras = (extra,) if isinstance(extra, str) else tuple(extra)
         self.module = module
-        self.extra = extra
+        self.extra = extras[0]
+        self.extras = extras
         what = f" ({purpose})" if purpose else ""
+        others = "".join(f" (or 'edgesdk[{e}]')" for e in extras[1:])
         super().__init__(
             f"Python package '{module}' is not installed{what}: "
-            f"run pip install 'edgesdk[{extra}]'"
+            f"run pip install 'edgesdk[{extras[0]}]'{others}"
         )
 
 

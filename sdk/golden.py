@@ -40,6 +40,8 @@ def golden_inputs(seed: int, pair: int, specs: Sequence[Mapping[str, Any]]) -> l
         dtype = np.dtype(spec["dtype"])
         if dtype.kind == "f":
             arr = values.astype(dtype)
+        elif dtype.kind == "b":  # a mask: true where the draw is in the upper half of the range
+            arr = values >= (low + high) / 2
         else:
             scale = float(spec.get("scale") or 0.0)
             zero = int(spec.get("zero_point") or 0)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .deps import require
 from .errors import ModelLoadError
 
-__all__ = ["TensorInfo", "NodeInfo", "ModelInfo", "read_model_info", "version_tuple"]
+__all__ = ["TensorInfo", "NodeInfo", "ModelInfo", "read_model_info", "version_tuple", "match_names"]
 
 
 @dataclass
@@ -30,6 +30,14 @@ class TensorInfo:
     scale: float = 0.0
     zero_point: int = 0
     constant: bool = field(default=False, compare=False)
+    #: the tensor's name in the model's signature ("onset", "input_ids"): what inputs and outputs are
+    #: matched by; TFLite orders a signature's tensors its own way, so positions are not to be trusted
+    key: str = ""
+
+    @property
+    def io_name(self) -> str:
+        """The signature name, else (a model without signature) the tensor's own name."""
+        return self.key or self.name
 
     @property
     def quantized(self) -> bool:
@@ -64,6 +72,7 @@ class ModelInfo:
     nodes: list[NodeInfo]
     min_runtime_version: Optional[str]
     size: int
+    signature: Optional[str] = None
 
     @property
     def ops(self) -> list[dict[str, Any]]:
@@ -84,6 +93,15 @@ class ModelInfo:
     def static_shapes(self) -> bool:
         return all(t.static for t in self.inputs + self.outputs)
 
+    @property
+    def dynamic_batch(self) -> bool:
+        """Every input's batch dimension is dynamic (``shape_signature`` -1, ``shape`` 1) and its
+        other dimensions static: runtimes allocate batch 1 and can resize it to run N samples in
+        one ``invoke`` (what ``edgesdk convert`` keeps for cpu/gpu bundles of a batch-less source)."""
+        return bool(self.inputs) and all(
+            len(t.shape_signature) >= 1 and t.shape_signature[0] < 0 and t.shape[:1] == [1]
+            and all(d > 0 for d in t.shape_signature[1:]) for t in self.inputs)
+
 
 def version_tuple(version: str) -> tuple[int, ...]:
     """'2.14.0' -> (2, 14, 0); anything unparsable sorts first."""
@@ -94,13 +112,43 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def match_names(wanted: Sequence[str], tensors: Sequence[TensorInfo], what: str = "output") -> list[int]:
+    """For each name in ``wanted``, the index of the tensor of that name (signature name first, then
+    tensor name). A name that matches nothing is an error naming both sides, never a silent
+    fallback to positions."""
+    by_name: dict[str, int] = {}
+    for i, t in enumerate(tensors):
+        by_name.setdefault(t.name, i)
+    for i, t in enumerate(tensors):
+        if t.key:
+            by_name[t.key] = i
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        have = ", ".join(t.io_name for t in tensors)
+        raise ModelLoadError(f"the model has no {what}(s) named {', '.join(missing)} (its {what}s are {have})")
+    return [by_name[n] for n in wanted]
+
+
+def _signature_keys(m: Any) -> tuple[Optional[str], dict[int, str], dict[int, str]]:
+    """The first signature of subgraph 0: its name and tensor index -> signature name, for inputs
+    and outputs."""
+    for sd in m.signatureDefs or []:
+        if int(sd.subgraphIndex or 0) != 0:
+            continue
+        def keys(items: Any) -> dict[int, str]:
+            return {int(t.tensorIndex): (t.name.decode() if isinstance(t.name, bytes) else str(t.name)) for t in items or []}
+        name = sd.signatureKey.decode() if isinstance(sd.signatureKey, bytes) else str(sd.signatureKey)
+        return name, keys(sd.inputs), keys(sd.outputs)
+    return None, {}, {}
+
+
 def _enum_names(enum_cls: type) -> dict[int, str]:
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
 
 
 def read_model_info(model: bytes) -> ModelInfo:
     """Parse a ``.tflite`` flatbuffer; raise ModelLoadError when it is not one."""
-    schema = require("ai_edge_litert.schema_py_generated", "agent", "to read .tflite files")
+    schema = require("ai_edge_litert.schema_py_generated", ("converter", "agent"), "to read .tflite files")
     if len(model) < 8 or model[4:8] != b"TFL3":
         raise ModelLoadError("not a TFLite flatbuffer (no TFL3 identifier): pass a .tflite file")
     try:
@@ -151,10 +199,18 @@ def read_model_info(model: bytes) -> ModelInfo:
             data = m.buffers[md.buffer].data
             raw = b"" if data is None else np.asarray(data, dtype=np.uint8).tobytes()
             min_rt = raw.split(b"\x00", 1)[0].decode() or None
+    signature, in_keys, out_keys = _signature_keys(m)
+
+    def keyed(i: int, keys: dict[int, str]) -> TensorInfo:
+        t = tensor(i)
+        t.key = keys.get(int(i), "")
+        return t
+
     return ModelInfo(
-        inputs=[tensor(i) for i in sub.inputs],
-        outputs=[tensor(i) for i in sub.outputs],
+        inputs=[keyed(i, in_keys) for i in sub.inputs],
+        outputs=[keyed(i, out_keys) for i in sub.outputs],
         nodes=nodes,
         min_runtime_version=min_rt,
         size=len(model),
+        signature=signature,
     )

@@ -38,7 +38,7 @@ Handler = Callable[[str, bytes], None]
 
 
 def _paho():
-    return require("paho.mqtt.client", "agent", "to talk to the MQTT broker")
+    return require("paho.mqtt.client", ("agent", "fleet"), "to talk to the MQTT broker")
 
 
 @dataclass
@@ -137,7 +137,10 @@ class MqttConnection:
     """A long-lived, self-reconnecting MQTT connection.
 
     ``handler(topic, payload)`` runs on a worker thread for every message on ``subscriptions``.
-    ``on_connected`` (also on the worker thread) runs after every (re)connect, after subscribing.
+    ``on_connected`` (also on the worker thread) runs after every (re)connect, once the broker
+    has acknowledged the subscriptions. ``connected`` is set at the same moment, so "connected"
+    always means "connected and hearing its topics": a message published to it after that is
+    not lost to a subscription still in flight.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class MqttConnection:
         self._client = None
         self._closing = False
         self.connects = 0
+        self._subscribe_mid: Optional[int] = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "MqttConnection":
@@ -208,9 +212,10 @@ class MqttConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         connect_kwargs = {"keepalive": self.settings.keepalive}
         if proto == mqtt.MQTTv5:
-            props = mqtt.Properties(require("paho.mqtt.packettypes", "agent").PacketTypes.CONNECT)
+            props = mqtt.Properties(require("paho.mqtt.packettypes", ("agent", "fleet")).PacketTypes.CONNECT)
             if self.settings.persistent_session:
                 props.SessionExpiryInterval = self.settings.session_expiry
             connect_kwargs["clean_start"] = not self.settings.persistent_session
@@ -272,7 +277,20 @@ class MqttConnection:
         maximum = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self.broker_max_packet = int(maximum) if maximum else None
         if self.subscriptions:
-            client.subscribe(self.subscriptions)
+            _rc, self._subscribe_mid = client.subscribe(self.subscriptions)
+            return  # ready once the broker acknowledges them (_on_subscribe)
+        self._ready()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if refused:  # an ACL that denies a topic: say so, and work with what was granted
+            log.warning("the broker refused %d of %d subscriptions (%s); check this client's ACL",
+                        len(refused), len(reason_codes), ", ".join(refused))
+        self._ready()
+
+    def _ready(self) -> None:
         self.connects += 1
         self.connected.set()
         log.info("connected to %s:%s (MQTT %s)", self.settings.host, self.settings.port, self.protocol)

@@ -178,11 +178,31 @@ class Engine:
         raw = [quantize(x, s) for x, s in zip(inputs, self.inputs)]
         return [dequantize(y, s) for y, s in zip(self.run(raw), self.outputs)]
 
+    def run_batch(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run ``inputs`` of N samples each (batch first, the model's dtypes and sample shapes)
+        and return outputs of N rows each. Here: in slices of the model's own batch (the last
+        one padded with zeros), for engines that cannot resize; :class:`InterpreterEngine`
+        resizes a model with a dynamic batch dimension to N instead and runs it once."""
+        n = int(inputs[0].shape[0])
+        b = max(1, int(self.inputs[0].shape[0])) if self.inputs and self.inputs[0].shape else 1
+        outs: Optional[list[np.ndarray]] = None
+        for s in range(0, n, b):
+            part = [x[s : s + b] for x in inputs]
+            k = int(part[0].shape[0])
+            if k < b:  # the last slice of a fixed batch larger than 1: pad, keep the first k rows
+                part = [np.concatenate([p, np.zeros((b - k, *p.shape[1:]), p.dtype)]) for p in part]
+            ys = self.run(part)
+            if outs is None:
+                outs = [np.empty((n, *y.shape[1:]), y.dtype) for y in ys]
+            for o, y in zip(outs, ys):
+                o[s : s + k] = y[:k]
+        return outs or []
+
     def describe(self) -> dict[str, Any]:
         return {"delegate": self.delegate, "runtime": self.runtime.describe(), "fallbacks": list(self.fallbacks)}
 
 
-def _tensor_info(d: dict[str, Any]) -> TensorInfo:
+def _tensor_info(d: dict[str, Any], keys: Optional[dict[int, str]] = None) -> TensorInfo:
     scale, zero = d.get("quantization", (0.0, 0))
     return TensorInfo(
         name=str(d["name"]),
@@ -191,7 +211,20 @@ def _tensor_info(d: dict[str, Any]) -> TensorInfo:
         dtype=np.dtype(d["dtype"]).name,
         scale=float(scale),
         zero_point=int(zero),
+        key=(keys or {}).get(int(d["index"]), ""),
     )
+
+
+def _signature_keys(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:
+    """Tensor index -> signature name for inputs and outputs (the first signature), or empty maps
+    for a model without signatures or a runtime that cannot list them."""
+    try:
+        sigs = interpreter._get_full_signature_list() or {}
+    except Exception:  # older runtimes: no signature API; names fall back to tensor names
+        return {}, {}
+    first = next(iter(sigs.values()), {})
+    inverse = lambda m: {int(i): str(k) for k, i in (m or {}).items()}  # noqa: E731
+    return inverse(first.get("inputs")), inverse(first.get("outputs"))
 
 
 class InterpreterEngine(Engine):
@@ -211,15 +244,76 @@ class InterpreterEngine(Engine):
         _translate(interpreter.allocate_tensors, "allocate tensors")
         self._in = [d["index"] for d in interpreter.get_input_details()]
         self._out = [d["index"] for d in interpreter.get_output_details()]
-        self.inputs = [_tensor_info(d) for d in interpreter.get_input_details()]
-        self.outputs = [_tensor_info(d) for d in interpreter.get_output_details()]
+        in_keys, out_keys = _signature_keys(interpreter)
+        self.inputs = [_tensor_info(d, in_keys) for d in interpreter.get_input_details()]
+        self.outputs = [_tensor_info(d, out_keys) for d in interpreter.get_output_details()]
+        #: the batch the input tensors are allocated for now (``inputs`` always describe batch 1);
+        #: resizable only when every input's batch dimension is dynamic (-1 in its signature)
+        self._batch = 1
+        self.batchable = bool(self.inputs) and all(
+            len(t.shape_signature) >= 1 and t.shape_signature[0] < 0 and t.shape[:1] == [1] for t in self.inputs)
+
+    def _resize(self, n: int) -> None:
+        """Allocate the input tensors for a batch of ``n`` (strict: only a dynamic batch dimension)."""
+        it = self.interpreter
+        for idx, t in zip(self._in, self.inputs):
+            it.resize_tensor_input(idx, [n, *t.shape[1:]], strict=True)
+        it.allocate_tensors()
+        self._batch = n
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         it = self.interpreter
+        if self._batch != 1:
+            self._resize(1)
         for idx, x in zip(self._in, inputs):
             it.set_tensor(idx, x)
         it.invoke()
         return [it.get_tensor(idx) for idx in self._out]
+
+    def run_batch(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One ``invoke`` for the whole batch when the model's batch dimension is dynamic; else (a
+        fixed batch, or a model whose graph refuses the new size: then never tried again) slice
+        by slice. The tensors stay allocated for the last batch size until another one comes."""
+        n = int(inputs[0].shape[0])
+        if n == 1 or not self.batchable:
+            return self._run_each(inputs) if self.inputs[0].shape[:1] == [1] else super().run_batch(inputs)
+        it = self.interpreter
+        try:
+            if self._batch != n:
+                self._resize(n)
+            for idx, x in zip(self._in, inputs):
+                it.set_tensor(idx, x)
+            it.invoke()
+            ys = [it.get_tensor(idx) for idx in self._out]
+            if any(y.ndim < 1 or y.shape[0] != n for y in ys):
+                raise ValueError(f"outputs {[list(y.shape) for y in ys]} do not keep the batch of {n}")
+            return ys
+        except (ValueError, RuntimeError) as exc:  # the graph fixes its batch somewhere (a Reshape, say)
+            log.info("batched invoke refused (%s): running this model sample by sample", str(exc).splitlines()[0])
+            self.batchable = False
+            self._resize(1)
+            return self._run_each(inputs)
+
+    def _run_each(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """A model of batch 1, sample by sample: the bare ``set_tensor``/``invoke``/``get_tensor``
+        loop, each output row written into one array per output (LiteRT refuses ``invoke`` while
+        a view of its buffers is held, so this is as direct as it gets from Python)."""
+        it = self.interpreter
+        if self._batch != 1:
+            self._resize(1)
+        n = int(inputs[0].shape[0])
+        set_tensor, invoke, get_tensor = it.set_tensor, it.invoke, it.get_tensor
+        pairs = list(zip(self._in, inputs))
+        first = [get_tensor(idx) for idx in self._out]  # shapes and dtypes of the outputs
+        outs = [np.empty((n, *y.shape[1:]), y.dtype) for y in first]
+        out_pairs = list(zip(self._out, outs))
+        for s in range(n):
+            for idx, x in pairs:
+                set_tensor(idx, x[s : s + 1])
+            invoke()
+            for idx, o in out_pairs:
+                o[s] = get_tensor(idx)[0]
+        return outs
 
 
 class CompiledModelEngine(Engine):
@@ -236,7 +330,7 @@ class CompiledModelEngine(Engine):
 
         def info(name: str, d: dict[str, Any]) -> TensorInfo:
             shape = [int(v) for v in d["shape"]]
-            return TensorInfo(str(d.get("name", name)), shape, shape, np.dtype(d["dtype"]).name)
+            return TensorInfo(str(d.get("name", name)), shape, shape, np.dtype(d["dtype"]).name, key=str(name))
 
         self.inputs = [info(k, v) for k, v in ins.items()]
         self.outputs = [info(k, v) for k, v in outs.items()]

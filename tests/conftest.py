@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,36 +152,59 @@ def agent_config(tmp_path: Path, signing_keys: Keys):
                        trusted_keys=[str(signing_keys.public)], threads=1, pool_size=2)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class MosquittoBroker:
-    """A real Mosquitto on a free loopback port, which tests can kill (SIGKILL) and restart."""
+    """A real Mosquitto on a free loopback port, which tests can kill (SIGKILL) and restart.
 
-    def __init__(self, root: Path, users: dict | None = None, extra: str = "") -> None:
-        import socket
+    By default it has its own plain listener (``users``: a password file; ``extra``: more
+    configuration lines). With ``include_dir`` it has no listener or authentication of its own:
+    the ``*.conf`` files in that directory (e.g. what ``edgesdk fleet credentials init`` wrote)
+    bring them, and ``port`` must be the port they listen on.
+    """
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root = root
-        self.conf = root / "mosquitto.conf"
-        auth = "allow_anonymous true\n"
-        if users:
-            pw = root / "passwd"
-            for i, (user, password) in enumerate(users.items()):
-                subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(pw), user, password], check=True)
-            auth = f"allow_anonymous false\npassword_file {pw}\n"
-        # run as ourselves: as root, mosquitto would drop to user "mosquitto", who cannot read pytest's tmp dirs
+    def __init__(self, root: Path, users: dict | None = None, extra: str = "", *, include_dir: Path | None = None,
+                 port: int | None = None) -> None:
         import getpass
 
-        self.conf.write_text(
-            f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\nset_tcp_nodelay true\n{extra}{auth}persistence false\nmax_queued_messages 100000\n"
-            f"log_dest file {root / 'mosquitto.log'}\n"
-        )
+        self.port = port or free_port()
+        self.root = root
+        self.scheme = "mqtts" if include_dir else "mqtt"
+        self.conf = root / "mosquitto.conf"
+        # run as ourselves: as root, mosquitto would drop to user "mosquitto", who cannot read pytest's tmp dirs
+        common = (f"user {getpass.getuser()}\npersistence false\nmax_queued_messages 100000\n"
+                  f"log_dest file {root / 'mosquitto.log'}\n")
+        if include_dir is not None:
+            self.conf.write_text(common + f"{extra}include_dir {include_dir}\n")
+        else:
+            self.conf.write_text(f"listener {self.port} 127.0.0.1\nset_tcp_nodelay true\n{extra}"
+                                 f"{self._auth(users)}{common}")
         self.proc: subprocess.Popen | None = None
+
+    def _auth(self, users: dict | None) -> str:
+        if not users:
+            return "allow_anonymous true\n"
+        pw = self.root / "passwd"
+        for i, (user, password) in enumerate(users.items()):
+            subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(pw), user, password], check=True)
+        return f"allow_anonymous false\npassword_file {pw}\n"
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        """What the broker logged so far."""
+        path = self.root / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> "MosquittoBroker":
         import socket
@@ -189,12 +213,26 @@ class MosquittoBroker:
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not start on port {self.port}")
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its configuration (ACL, CRL) without closing connections."""
+        import signal
+
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def restart(self) -> "MosquittoBroker":
+        """SIGTERM, then start again on the same port with the same configuration."""
+        self.stop()
+        return self.start()
 
     def kill(self) -> None:
         """SIGKILL: in-flight and queued messages are lost, as in a crash."""
@@ -220,23 +258,40 @@ def agent(agent_config):
     a.stop()
 
 
-@pytest.fixture
-def make_broker(tmp_path_factory: pytest.TempPathFactory):
-    """``make_broker(users={...})``: a fresh Mosquitto (the ``mosquitto`` binary; .ci/setup installs it)."""
+@contextmanager
+def _broker_factory(tmp_path_factory: pytest.TempPathFactory):
     import shutil as _shutil
 
     if _shutil.which("mosquitto") is None:
         pytest.fail("the mosquitto binary is missing: run .ci/setup (apt-get install -y mosquitto)")
     made = []
 
-    def make(users: dict | None = None, extra: str = "") -> MosquittoBroker:
-        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users, extra).start()
+    def make(users: dict | None = None, extra: str = "", *, include_dir: Path | None = None,
+             port: int | None = None) -> MosquittoBroker:
+        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users, extra, include_dir=include_dir, port=port).start()
         made.append(b)
         return b
 
-    yield make
-    for b in made:
-        b.kill()
+    try:
+        yield make
+    finally:
+        for b in made:
+            b.kill()
+
+
+@pytest.fixture
+def make_broker(tmp_path_factory: pytest.TempPathFactory):
+    """``make_broker(users={...})``: a fresh Mosquitto (the ``mosquitto`` binary; .ci/setup installs it);
+    ``make_broker(include_dir=DIR, port=PORT)``: one configured by the ``*.conf`` files in DIR."""
+    with _broker_factory(tmp_path_factory) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_broker(tmp_path_factory: pytest.TempPathFactory):
+    """Like ``make_broker``, for brokers shared by the tests of one module."""
+    with _broker_factory(tmp_path_factory) as make:
+        yield make
 
 
 @pytest.fixture
@@ -411,45 +466,15 @@ def unstarted_amqtt_broker():
 
 
 def make_tls_material(root: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN = device id)."""
-    import datetime
-    import ipaddress
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN = ``dev-tls``), made
+    the one way edgesdk makes certificates (:class:`fleet.credentials.CredentialsStore`)."""
+    from fleet.credentials import CredentialsStore
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject_cn, issuer_cert, issuer_key, key, ca=False, san=None):
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
-        b = (x509.CertificateBuilder().subject_name(name)
-             .issuer_name(issuer_cert.subject if issuer_cert else name)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer_key or key, hashes.SHA256())
-
-    def write(name, obj):
-        path = root / name
-        if isinstance(obj, x509.Certificate):
-            path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
-        else:
-            path.write_bytes(obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                               serialization.NoEncryption()))
-        return path
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("edgesdk test CA", None, None, ca_key, ca=True)
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = cert("127.0.0.1", ca, ca_key, srv_key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cli_key = ec.generate_private_key(ec.SECP256R1())
-    cli = cert("dev-tls", ca, ca_key, cli_key)
-    return {"ca": write("ca.pem", ca), "server_cert": write("server.pem", srv), "server_key": write("server.key", srv_key),
-            "client_cert": write("client.pem", cli), "client_key": write("client.key", cli_key)}
+    store = CredentialsStore(root / "credentials")
+    broker = store.init()
+    (device,) = store.issue("dev-tls")
+    return {"ca": broker.ca_file, "server_cert": broker.certfile, "server_key": broker.keyfile,
+            "client_cert": device.client_cert, "client_key": device.client_key}
 
 
 @pytest.fixture
@@ -586,3 +611,64 @@ def digits_bundle_v2_other(tmp_path_factory: pytest.TempPathFactory, digits_bund
     out = tmp_path_factory.mktemp("bundle2o") / "digits-2-other.edgebundle"
     Bundle.open(digits_bundle_v2.path).sign(load_private_key(other_keys.private), out)
     return out
+
+
+def reversion_bundle(src: Path, version: str, private_key_path: Path, out: Path) -> Path:
+    """The bundle at ``src`` as version ``version`` (same model and golden files), signed anew
+    through the real signing path: the small update a delta carries well."""
+    from sdk.bundle import Bundle, write_bundle
+    from sdk.signing import load_private_key
+
+    b = Bundle.open(src)
+    manifest = {k: v for k, v in b.manifest.data.items() if k not in ("files", "schema")}
+    manifest["version"] = version
+    files = {name: b.read(name) for name in b.manifest.files}
+    return write_bundle(out, manifest, files, private_key=load_private_key(private_key_path))
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_v2_same_model(tmp_path_factory: pytest.TempPathFactory, digits_bundle: BuiltBundle,
+                                signing_keys: Keys) -> Path:
+    """digits version 1's model re-released as version 2, signed by ``signing_keys`` (a delta
+    against version 1 is a small fraction of it)."""
+    return reversion_bundle(digits_bundle.path, "2", signing_keys.private,
+                            tmp_path_factory.mktemp("bundle2s") / "digits-2s.edgebundle")
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_pixels(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsModel, signing_keys: Keys) -> BuiltBundle:
+    """The digits CNN as full int8 with int8 I/O, recording the uint8 normalisation ``1/16, 0``
+    (the digits' pixels are 0..16): devices take uint8 pixels or fleet-quantised int8 for it."""
+    from converter import convert
+
+    out = tmp_path_factory.mktemp("bundlepx") / "digits-px.edgebundle"
+    res = convert(digits_model.path, target="cpu", quantize="int8", io_dtype="int8", calibration=digits_model.calibration,
+                  eval_data=digits_model.eval, key=signing_keys.private, output=out, runs=5,
+                  input_normalization=(1 / 16, 0.0))
+    return BuiltBundle(res.bundle_path, res.model, res.report)
+
+
+@pytest.fixture(scope="session")
+def wide_image_bundle(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys) -> BuiltBundle:
+    """A small float32 model named ``wide`` on 48x48x3 images (27 KiB a sample as float32, 6.75 KiB
+    as uint8), recording the normalisation ``2/255, -1`` (pixels to [-1, 1]): a sample larger
+    than a small broker packet limit."""
+    from converter import convert
+    from converter.source import keras
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    model = k.Sequential([k.Input((48, 48, 3)), k.layers.Conv2D(4, 3, activation="relu"),
+                          k.layers.GlobalAveragePooling2D(), k.layers.Dense(3)])
+    root = tmp_path_factory.mktemp("wide")
+    model.save(root / "wide.keras")
+    out = root / "wide.edgebundle"
+    res = convert(root / "wide.keras", target="cpu", quantize="none", key=signing_keys.private, output=out, runs=3,
+                  name="wide", input_normalization={"": (2 / 255, -1.0)})
+    return BuiltBundle(res.bundle_path, res.model, res.report)
+
+
+@pytest.fixture
+def reversioned():
+    """:func:`reversion_bundle`: ``reversioned(src, version, private_key_path, out)``."""
+    return reversion_bundle

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-HEAVY = ("tensorflow", "keras", "tf_keras", "tensorflow_model_optimization", "matplotlib")
+HEAVY = ("tensorflow", "keras", "tf_keras", "tensorflow_model_optimization", "matplotlib", "torch", "litert_torch",
+         "ai_edge_quantizer")
 
 
 @pytest.mark.parametrize(

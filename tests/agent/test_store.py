@@ -28,3 +28,20 @@ def test_store_survives_reopen_and_refuses_unsafe_names(tmp_path) -> None:
         store.stage("../evil", "1", b"x")
     with pytest.raises(InstallError, match="not in the store"):
         store.activate("m", "9")
+
+
+def test_bundles_are_found_by_sha256_only_among_the_models_own_versions(tmp_path) -> None:
+    import hashlib
+
+    store = ModelStore(tmp_path)
+    for v in ("1", "2"):
+        store.stage("m", v, f"bundle {v}".encode())
+        store.activate("m", v)
+    sha1 = hashlib.sha256(b"bundle 1").hexdigest()
+    assert store.held() == {sha1: ("m", "1"), hashlib.sha256(b"bundle 2").hexdigest(): ("m", "2")}
+    assert store.find("m", sha1) == b"bundle 1"
+    assert store.find("other", sha1) is None and store.find("m", "0" * 64) is None
+    (tmp_path / "models" / "m" / "1" / "bundle.sha256").unlink()  # a store made before the record: hashed again
+    assert store.find("m", sha1) == b"bundle 1"
+    (tmp_path / "models" / "m" / "1" / "bundle.edgebundle").write_bytes(b"tampered")  # the record lies now
+    assert store.find("m", sha1) is None

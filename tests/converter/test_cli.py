@@ -33,7 +33,7 @@ def test_keys_convert_sign_verify_end_to_end(digits_model, tmp_path, edgesdk_cli
     out = tmp_path / "d.edgebundle"
     r = edgesdk_cli("convert", digits_model.path, "--target", "cpu", "--calibration", digits_model.calibration,
                     "--eval", digits_model.eval, "--key", keys / "private.pem", "-o", out, "--runs", "10", "--json",
-                    "--report-dir", tmp_path / "report")
+                    "--report-dir", tmp_path / "report", "--input-normalization", "1/16,0")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["chosen"] == "int8 (int8 I/O)" and report["bundle"]["signed"]
@@ -43,7 +43,9 @@ def test_keys_convert_sign_verify_end_to_end(digits_model, tmp_path, edgesdk_cli
     r = edgesdk_cli("bundle", "verify", out, "--public-key", keys / "public.pem")
     assert r.returncode == 0 and r.stdout.startswith("OK: digits@1")
     r = edgesdk_cli("bundle", "inspect", out, "--json")
-    assert json.loads(r.stdout)["manifest"]["quantization"]["recipe"] == "int8"
+    manifest = json.loads(r.stdout)["manifest"]
+    assert manifest["quantization"]["recipe"] == "int8"
+    assert manifest["inputs"][0]["normalization"] == {"scale": 1 / 16, "offset": 0.0}  # x = pixel / 16 on devices
 
     other = tmp_path / "other"
     edgesdk_cli("keys", "generate", other)
@@ -80,6 +82,12 @@ def test_table_output_and_progress(digits_model, tmp_path) -> None:
         (["MODEL", "--prune", "2"], 2, "between 0 and 1"),
         (["MODEL", "--image-range", "zero,one"], 2, "--image-range"),
         (["MODEL", "--key", "NOFILE"], 11, "cannot read private key"),
+        (["MODEL", "--name", "../etc"], 2, "--name '../etc' cannot name a model on devices"),
+        (["MODEL", "--model-version", "1 beta"], 2, "--model-version '1 beta' cannot name a model"),
+        (["MODEL", "--input-normalization", "1/255"], 2, "give SCALE,OFFSET such as 1/255,0"),
+        (["MODEL", "--input-normalization", "0,1"], 2, "input normalization scale must not be 0"),
+        (["MODEL", "--input-normalization", "pixels=1/255,0"], 2, "--input-normalization names pixels, but the "
+                                                                  "model's inputs are"),
     ],
 )
 def test_bad_inputs_give_one_clear_line_and_an_exit_code(digits_model, tmp_path, edgesdk_cli, args, code, message) -> None:
@@ -117,3 +125,11 @@ def test_runtime_check_reports_the_delegate(digits_bundle, edgesdk_cli) -> None:
     assert info["delegate"] == "cpu" and info["runtime"]["name"] == "ai_edge_litert" and len(info["fallbacks"]) == 2
     r = edgesdk_cli("runtime", "check", digits_bundle.path, "--delegate", "edgetpu")
     assert r.returncode == 13 and "libedgetpu.so.1" in one_error_line(r.stderr)
+
+
+@pytest.mark.parametrize(("path", "name"), [("my model.h5", "my-model"), ("_x.keras", "x"), ("résumé v2.keras", "r-sum-v2"),
+                                            ("___.keras", "model")])
+def test_the_default_model_name_is_the_file_stem_as_an_id(tmp_path, path: str, name: str) -> None:
+    from converter.pipeline import default_model_name
+
+    assert default_model_name(tmp_path / path) == name

@@ -1,5 +1,6 @@
 """The fleet as a service and over TLS: ``edgesdk fleet serve`` carries out what other commands
-ask for; agents and fleet talk through a broker that requires client certificates."""
+ask for; agents and fleet talk through a broker that requires client certificates; a database made
+by an older fleet is migrated."""
 
 import json
 import signal
@@ -56,3 +57,37 @@ def test_fleet_and_agents_over_mutual_tls(make_broker, make_link, make_fleet, tl
     assert [d["id"] for d in json.loads(r.stdout)] == ["dev-tls"]
     r = edgesdk_cli("fleet", "--broker", url, "--state", tmp_path / "anon", "--ca-file", tls["ca"], "devices")
     assert r.returncode == 17 and "cannot connect" in r.stderr  # no client certificate: refused, one clear line
+
+
+def test_a_database_of_an_older_fleet_is_migrated_and_its_job_resumes(broker, make_fleet, make_sims, eventually,
+                                                                     tmp_path) -> None:
+    import sqlite3
+
+    from fleet.state import SCHEMA, SCHEMA_VERSION
+
+    state = tmp_path / "fleet"
+    (state / "jobs" / "oldjob").mkdir(parents=True)
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(state / "jobs" / "oldjob" / "x0.npy", x)
+    # as edgesdk made it before: no tasks.version, no jobs.output_spec, no jobs.bytes_sent
+    old_schema = SCHEMA.replace("outputs TEXT, version TEXT);", "outputs TEXT);").replace(
+        ", output_spec TEXT,\n    bytes_sent INTEGER NOT NULL DEFAULT 0);", ");")
+    assert "version TEXT)" not in old_schema and "output_spec" not in old_schema and "bytes_sent" not in old_schema
+    db = sqlite3.connect(state / "fleet.sqlite")
+    db.executescript(old_schema)
+    db.execute("INSERT INTO jobs (id, model, state, options, samples, tasks, created) VALUES ('oldjob', 'noop', "
+               "'RUNNING', ?, 10, 2, 0)", (json.dumps({"batch_size": 5, "lease_s": 60, "max_attempts": 5, "inputs": 1}),))
+    db.executemany("INSERT INTO tasks (id, job, idx, start, stop, state) VALUES (?, 'oldjob', ?, ?, ?, 'PENDING')",
+                   [("oldjob-0", 0, 0, 5), ("oldjob-1", 1, 5, 10)])
+    db.commit()
+    db.close()
+
+    make_sims(1, broker.url, models={"noop": "1"})
+    fleet = make_fleet(broker.url, state=state)
+    with fleet._db() as fdb:
+        assert fdb.scalar("PRAGMA user_version") == SCHEMA_VERSION
+        assert "version" in {r["name"] for r in fdb.all("PRAGMA table_info(tasks)")}
+        assert {"output_spec", "bytes_sent"} <= {r["name"] for r in fdb.all("PRAGMA table_info(jobs)")}
+    np.testing.assert_array_equal(fleet.finish_job("oldjob", timeout=60).outputs[0], x)
+    with fleet._db() as fdb:
+        assert {r["version"] for r in fdb.all("SELECT version FROM tasks")} == {"1"}  # recorded at dispatch

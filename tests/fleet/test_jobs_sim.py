@@ -4,9 +4,6 @@ inference that echoes its inputs, so every result can be checked against its sam
 import json
 
 import numpy as np
-import pytest
-
-from sdk.errors import JobError
 
 
 def publish_once(port: int, topic: str, payload: bytes) -> None:
@@ -89,23 +86,53 @@ def test_results_as_jsonl_and_npz_files(broker, make_fleet, make_sims, eventuall
     np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["y"], x)
 
 
-def test_a_task_too_large_for_the_broker_is_refused_with_the_fix(broker, make_fleet) -> None:
-    fleet = make_fleet(broker.url)
-    with pytest.raises(JobError, match=r"use --batch-size 21 or less"):
-        fleet.submit("noop", np.zeros((1000, 32, 32, 3), dtype=np.float32), batch_size=64)
-    with pytest.raises(JobError, match=r"one sample is 602112 bytes.*raise max_packet_size"):
-        fleet.submit("noop", np.zeros((10, 224, 224, 3), dtype=np.float32), batch_size=1)
+def test_tasks_are_cut_to_the_packet_limit_and_a_sample_larger_than_it_travels_in_pieces(broker, make_fleet, make_sims,
+                                                                                          eventually) -> None:
+    sims = make_sims(2, broker.url, models={"noop": "1"}, capacity=2)
+    fleet = make_fleet(broker.url)  # the fleet's packet limit: 256 KiB
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    x = np.random.default_rng(1).random((100, 32, 32, 3), dtype=np.float32)  # 12 KiB a sample: 21 fit in a task
+    result = fleet.run("noop", x, batch_size=64, timeout=60)
+    assert result.task_samples == 21 and result.tasks == 5 and fleet.stats["task_pieces"] == 0
+    np.testing.assert_array_equal(result.outputs[0], echo(x))
+    big = np.random.default_rng(2).random((3, 224, 224, 3), dtype=np.float32)  # 588 KiB a sample: 3 pieces each
+    result = fleet.run("noop", big, batch_size=8, timeout=60)
+    assert result.state == "SUCCEEDED" and result.task_samples == 1 and fleet.stats["task_pieces"] >= 9
+    np.testing.assert_array_equal(result.outputs[0], echo(big))
+    assert result.input_bytes_per_sample == 224 * 224 * 3 * 4 and result.bytes_per_sample > 224 * 224 * 3 * 4
+    assert sims.dropped["task-piece"] == 0
 
 
-def test_a_message_that_breaks_processing_is_skipped_and_the_rest_goes_on(broker, make_fleet, make_sims, eventually) -> None:
+def test_hostile_task_pieces_are_dropped_and_counted_by_simulated_devices(broker, make_fleet, make_sims,
+                                                                          eventually) -> None:
+    sims = make_sims(1, broker.url, models={"noop": "1"})
+    from sdk import protocol as proto
+
+    frame = proto.Task("t-1", "j", "noop", 5.0, [np.ones((1, 4000), np.float32)]).to_payload()
+    pieces = proto.split_task(frame, "t-1", 5000)
+    forged = proto.TaskPiece("t-1", 0, pieces[0].count, pieces[0].total, pieces[0].sha256, b"\0" * len(pieces[0].data))
+    topic = proto.topic(sims.ids[0], "task")
+    publish_once(broker.port, topic, pieces[0].to_payload())
+    publish_once(broker.port, topic, forged.to_payload())  # other bytes for a piece held: refused
+    publish_once(broker.port, topic, proto.split_task(frame, "t-1", 3000)[1].to_payload())  # another cut: refused
+    assert eventually(lambda: sims.dropped["task-piece"] == 2)
+    for p in pieces[1:]:
+        publish_once(broker.port, topic, p.to_payload())
+    assert eventually(lambda: sims.devices[sims.ids[0]].tasks_done == 1)  # the genuine task still ran
+
+
+def test_a_garbage_result_from_a_stranger_is_dropped_and_the_rest_goes_on(broker, make_fleet, make_sims, eventually) -> None:
     from sdk import protocol as proto
 
     fleet = make_fleet(broker.url)
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
     job = fleet.submit("noop", x, batch_size=5)
-    bad = proto.TaskResult(device="rogue", job=job, task=f"{job}-0", outputs=["not a tensor"], samples=5)
-    publish_once(broker.port, proto.topic("rogue", "up"), bad.to_payload())
-    assert eventually(lambda: fleet.stats["failed_messages"] == 1)  # logged, skipped, not acknowledged
+    bad = {"schema": 1, "type": "task_result", "id": proto.new_id(), "ts": 1.0, "device": "rogue", "job": job,
+           "task": f"{job}-0", "outputs": ["not a tensor"], "samples": 5}  # by hand: the protocol may refuse it
+    publish_once(broker.port, proto.topic("rogue", "up"), json.dumps(bad).encode())
+    # refused by the protocol (malformed), or by the fleet (rogue holds no lease); either way dropped
+    assert eventually(lambda: fleet.stats["malformed"] + fleet.stats["rejected_results"] == 1)
+    assert fleet.stats["failed_messages"] == 0 and fleet.stats["isolated_failures"] == 0
     make_sims(1, broker.url, models={"noop": "1"})
     result = fleet.finish_job(job, timeout=30)
     np.testing.assert_array_equal(result.outputs[0], x)
@@ -118,9 +145,54 @@ def test_a_result_speaking_for_another_device_is_dropped(broker, make_fleet, mak
     fleet = make_fleet(broker.url)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     job = fleet.submit("noop", x, batch_size=2)
-    forged = proto.TaskResult(device="sim-0000", job=job, task=f"{job}-0",
+    forged = proto.TaskResult(device="sim-0000", job=job, task=f"{job}-0", model="noop",
                               outputs=[proto.Result.encode_tensor(np.zeros((2, 4), np.float32))], samples=2)
     publish_once(broker.port, proto.topic("intruder", "up"), forged.to_payload())
     assert eventually(lambda: fleet.stats["spoofed"] == 1)
     make_sims(1, broker.url, models={"noop": "1"})
     np.testing.assert_array_equal(fleet.finish_job(job, timeout=30).outputs[0], x)  # the forged zeros were not taken
+
+
+def test_the_fleet_keeps_a_device_s_prefetch_queued_and_never_more(broker, make_fleet, make_sims, eventually) -> None:
+    import threading
+
+    sims = make_sims(2, broker.url, models={"noop": "1"}, capacity=1, infer_s=0.01, prefetch=3)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    peak = {d: [0, 0] for d in sims.ids}  # most tasks held, most running at once
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for d in sims.ids:
+                dev = sims.devices[d]
+                peak[d][0] = max(peak[d][0], len(dev.running))
+                peak[d][1] = max(peak[d][1], dev.busy)
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    x = np.random.default_rng(3).random((120, 4), dtype=np.float32)
+    try:
+        result = fleet.run("noop", x, batch_size=2, timeout=60)  # 60 tasks of 20 ms
+    finally:
+        done.set()
+        watcher.join(5)
+    np.testing.assert_array_equal(result.outputs[0], echo(x))
+    assert sum(sims.devices[d].tasks_done for d in sims.ids) == 60 and result.retries == 0  # each task once
+    for d, (held, running) in peak.items():
+        assert held == 4, (d, held)  # capacity 1 + prefetch 3: the fleet fills the queue, never beyond it
+        assert running == 1  # and the device runs only its capacity
+
+
+def test_without_prefetch_a_device_holds_only_what_it_runs(broker, make_fleet, make_sims, eventually) -> None:
+    sims = make_sims(1, broker.url, models={"noop": "1"}, capacity=2, infer_s=0.01)
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: any(d.online for d in fleet.devices()))
+    seen = []
+    real = sims._on_task
+    sims._on_task = lambda d, task: (seen.append(len(d.running)), real(d, task))[1]
+    x = np.random.default_rng(4).random((40, 4), dtype=np.float32)
+    result = fleet.run("noop", x, batch_size=2, timeout=60)
+    np.testing.assert_array_equal(result.outputs[0], echo(x))
+    assert max(seen) <= 1  # a task arrives only while fewer than capacity (2) are held

@@ -131,3 +131,51 @@ def test_the_fleet_authenticates_to_a_broker_with_passwords(make_broker, make_li
     assert eventually(lambda: [d.id for d in fleet.devices() if d.online] == ["dev-1"])
     with pytest.raises(BrokerError, match="cannot connect"):
         make_fleet(b.url, state=fleet.state_dir.parent / "other", username="fleet", password="wrong")
+
+
+# --- inputs that travel compactly ------------------------------------------------------------------------
+def test_uint8_images_travel_as_uint8_in_pieces_under_a_small_packet_limit(make_broker, make_link, make_fleet,
+                                                                            eventually, wide_image_bundle) -> None:
+    from sdk.encoding import Normalization
+
+    broker = make_broker(extra="max_packet_size 4096\n")  # a 48x48x3 sample: 6.75 KiB as uint8, 27 KiB as float32
+    for i in range(2):
+        make_link(f"w-{i}", url=broker.url, preinstall=[wide_image_bundle.path])
+    fleet = make_fleet(broker.url)
+    fleet.add_bundle(wide_image_bundle.path)  # the fleet learns the model's inputs from its manifest
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    assert fleet.conn.max_packet == 4096  # what the broker announced at connect
+    pixels = np.random.default_rng(0).integers(0, 256, size=(12, 48, 48, 3), dtype=np.uint8)
+    floats = Normalization(2 / 255, -1.0).apply(pixels)
+    as_uint8 = fleet.run("wide", pixels, batch_size=8, timeout=120)
+    pieces_for_uint8 = fleet.stats["task_pieces"]
+    as_float = fleet.run("wide", floats, batch_size=8, timeout=120)
+    assert as_uint8.input_encoding == ["uint8-normalized-on-device"] and as_float.input_encoding == ["as-given"]
+    assert as_uint8.task_samples == 1 and pieces_for_uint8 >= 2 * 12  # every sample in pieces
+    expected = local_predictions(wide_image_bundle.path, floats)
+    np.testing.assert_allclose(as_uint8.outputs[0], expected, atol=1e-5)
+    np.testing.assert_allclose(as_float.outputs[0], expected, atol=1e-5)
+    assert as_uint8.input_bytes_per_sample == 48 * 48 * 3 and as_float.input_bytes_per_sample == 4 * 48 * 48 * 3
+    assert as_uint8.bytes_per_sample < as_float.bytes_per_sample / 3
+
+
+def test_an_int8_model_gets_inputs_quantised_once_by_the_fleet(broker, make_link, make_fleet, eventually,
+                                                              digits_bundle_pixels, digits) -> None:
+    make_link("q-0", preinstall=[digits_bundle_pixels.path])
+    fleet = make_fleet(broker.url)
+    assert eventually(lambda: any(d.online for d in fleet.devices()))
+    x = digits.x_test[:64].astype(np.float32)
+    # the fleet holds no bundle of the model yet: floats travel as given and the agent quantises them
+    by_agent = fleet.run("digits", x, batch_size=16, timeout=120)
+    assert by_agent.input_encoding == ["as-given"] and by_agent.input_bytes_per_sample == 256
+    fleet.add_bundle(digits_bundle_pixels.path)
+    by_fleet = fleet.run("digits", x, batch_size=16, timeout=120)
+    assert by_fleet.input_encoding == ["quantized-by-fleet"] and by_fleet.input_bytes_per_sample == 64
+    np.testing.assert_array_equal(by_fleet.outputs[0], by_agent.outputs[0])  # the fleet's quantisation is the agent's
+    np.testing.assert_array_equal(by_fleet.outputs[0], local_predictions(digits_bundle_pixels.path, x))
+    assert np.mean(np.argmax(by_fleet.outputs[0], axis=1) == digits.y_test[:64]) > 0.85
+    assert by_fleet.bytes_per_sample < by_agent.bytes_per_sample / 2
+    pixels = np.rint(x * 16).astype(np.uint8)  # the same images as uint8 pixels: normalised on the device
+    as_pixels = fleet.run("digits", pixels, batch_size=16, timeout=120)
+    assert as_pixels.input_encoding == ["uint8-normalized-on-device"] and as_pixels.input_bytes_per_sample == 64
+    np.testing.assert_array_equal(as_pixels.outputs[0], by_fleet.outputs[0])

@@ -129,3 +129,131 @@ def test_a_thousand_simulated_devices_register_and_take_a_rollout(broker, make_f
     assert all(sims.models(d)["digits"] == "2" for d in sims.ids)
     assert fleet.chunks.splits == 1  # the bundle was split and framed once for 1,000 devices
     assert eventually(lambda: all(d.models == {"digits": "2"} for d in fleet.devices()), timeout=30)
+
+
+# --- delta updates -----------------------------------------------------------------------------------
+def _random_bundle(path, version, model: bytes, key):
+    """A signed bundle whose model file is ``model`` (simulated devices install it, never run it)."""
+    from sdk.bundle import write_bundle
+    from sdk.signing import load_private_key
+
+    manifest = {"name": "blob", "version": version, "target": "cpu", "model_file": "model.tflite",
+                "inputs": [], "outputs": []}
+    return write_bundle(path, manifest, {"model.tflite": model}, private_key=load_private_key(key))
+
+
+def test_updates_travel_as_deltas_only_when_smaller_and_the_fleet_records_what_devices_hold(
+        broker, make_fleet, make_sims, eventually, signing_keys, tmp_path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from fleet.deltas import MAX_RATIO
+
+    rng = np.random.default_rng(7)
+    v1_model = rng.bytes(300_000)
+    v2_model = v1_model[:150_000] + rng.bytes(2_000) + v1_model[152_000:]  # a small change: a delta pays
+    paths = [_random_bundle(tmp_path / "b1.edgebundle", "1", v1_model, signing_keys.private),
+             _random_bundle(tmp_path / "b2.edgebundle", "2", v2_model, signing_keys.private),
+             _random_bundle(tmp_path / "b3.edgebundle", "3", rng.bytes(300_000), signing_keys.private)]  # unrelated
+    sha1, sha2, sha3 = (hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
+    sims = make_sims(3, broker.url)
+    fleet = make_fleet(broker.url)
+    assert eventually(online(fleet, 3))
+
+    def roll(path):
+        view = fleet.wait_rollout(fleet.deploy(path, devices=sims.ids, canary=1, batch_percent=100), timeout=60)
+        assert view.state == "SUCCEEDED", view
+
+    roll(paths[0])  # nothing to take a delta against: whole
+    assert all(sims.installs(d) == [("1", "full")] for d in sims.ids)
+    assert eventually(lambda: all(sha1 in d.bundles for d in fleet.devices()))  # reported held
+    roll(paths[1])
+    assert all(sims.installs(d)[-1] == ("2", "delta") for d in sims.ids)
+    assert fleet.stats["delta_installs"] == 3
+    with fleet._db() as db:
+        deltas = {(r["base"], r["target"]): dict(r) for r in db.all("SELECT * FROM deltas")}
+    small = deltas[(sha1, sha2)]
+    assert small["size"] < small["full_size"] / 10  # made once, for three devices
+    assert eventually(lambda: all({sha1, sha2} <= set(d.bundles) for d in fleet.devices()))  # active and previous
+    roll(paths[2])  # unrelated: a delta saves only the zip's headers (< 10 % of the bundle), so it goes whole
+    assert all(sims.installs(d)[-1] == ("3", "full") for d in sims.ids)
+    with fleet._db() as db:
+        big = [dict(r) for r in db.all("SELECT * FROM deltas WHERE target = ?", (sha3,))]
+    assert big and all(r["size"] > MAX_RATIO * r["full_size"] for r in big)
+    assert fleet.stats["delta_installs"] == 3 and fleet.stats["delta_fallbacks"] == 0
+    assert eventually(lambda: all(set(d.bundles) == {sha2, sha3} for d in fleet.devices()))  # version 1 pruned
+    with fleet._db() as db:  # the rule itself, on the recorded delta 2 -> 3 of the first device
+        db.execute("DELETE FROM device_bundles WHERE device = ? AND sha256 != ?", (sims.ids[0], sha2))
+        db.execute("UPDATE deltas SET size = full_size + 1 WHERE base = ? AND target = ?", (sha2, sha3))
+        assert fleet.deltas.choose(db, sims.ids[0], sha3, "blob", 0.0) is None  # bigger than the bundle
+        db.execute("UPDATE deltas SET size = 1000 WHERE base = ? AND target = ?", (sha2, sha3))
+        assert fleet.deltas.choose(db, sims.ids[0], sha3, "blob", 0.0)["base_sha256"] == sha2  # small: offered
+
+
+def test_a_simulated_device_without_the_base_falls_back_to_the_full_bundle(broker, make_fleet, make_sims, eventually,
+                                                                          signing_keys, tmp_path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(8)
+    v1_model = rng.bytes(200_000)
+    b1 = _random_bundle(tmp_path / "b1.edgebundle", "1", v1_model, signing_keys.private)
+    b2 = _random_bundle(tmp_path / "b2.edgebundle", "2", v1_model[:-500] + rng.bytes(500), signing_keys.private)
+    sims = make_sims(2, broker.url)
+    fleet = make_fleet(broker.url)
+    assert eventually(online(fleet, 2))
+    assert fleet.wait_rollout(fleet.deploy(b1, devices=sims.ids, canary=2), timeout=60).state == "SUCCEEDED"
+    sims._blobs.clear()  # the devices lose their bundles' bytes (the fleet still believes they hold them)
+    assert fleet.wait_rollout(fleet.deploy(b2, devices=sims.ids, canary=2), timeout=60).state == "SUCCEEDED"
+    assert all(sims.installs(d) == [("1", "full"), ("2", "full")] for d in sims.ids)
+    assert fleet.stats["delta_fallbacks"] == 2
+
+
+def test_chunks_flow_within_the_window_and_a_lost_chunk_is_asked_for_again(broker, make_fleet, make_sims, eventually,
+                                                                            digits_bundle, signing_keys, tmp_path) -> None:
+    """A bundle of 10 chunks to 2 simulated devices: each asks for at most a window of chunks at a
+    time; one chunk the fleet sends to sim-0001 is lost on the way, and that device asks for it again."""
+    import os
+
+    from sdk import protocol as proto
+    from sdk.bundle import Bundle, write_bundle
+    from sdk.signing import load_private_key
+
+    src = Bundle.open(digits_bundle.path)
+    manifest = {k: v for k, v in src.manifest.data.items() if k not in ("files", "schema")}
+    files = {name: src.read(name) for name in src.manifest.files}
+    files[manifest["model_file"]] = os.urandom(9 * proto.CHUNK_SIZE + 1000)  # random: the zip cannot shrink it
+    manifest["version"] = "7"
+    big = write_bundle(tmp_path / "big.edgebundle", manifest, files, private_key=load_private_key(signing_keys.private))
+    count = -(-big.stat().st_size // proto.CHUNK_SIZE)
+    assert count == 10
+
+    sims = make_sims(2, broker.url, models={"digits": "1"})
+    fleet = make_fleet(broker.url)
+    assert eventually(online(fleet, 2))
+    asked, lost = [], []
+    chunks_for, publish = fleet._chunks_for, fleet._publish
+
+    def record(req):
+        asked.append((req.device, list(req.indices)))
+        return chunks_for(req)
+
+    def lossy(topic, payload, qos=1):  # the broker drops chunk 3 to sim-0001 once (as over its queue limit)
+        if topic == proto.topic("sim-0001", "chunk") and proto.Chunk.from_payload(payload).index == 3 and not lost:
+            lost.append(3)
+            return True
+        return publish(topic, payload, qos)
+
+    fleet._chunks_for, fleet._publish = record, lossy
+    rid = fleet.deploy(big, devices=sims.ids, canary=2)
+    view = fleet.wait_rollout(rid, timeout=60)
+    assert view.state == "SUCCEEDED" and view.counts["SUCCEEDED"] == 2 and lost == [3]
+    assert all(sims.models(d)["digits"] == "7" for d in sims.ids)
+    for device in sims.ids:
+        mine = [indices for d, indices in asked if d == device]
+        assert mine[0] == list(range(proto.CHUNK_WINDOW))  # the first window, not the whole bundle
+        assert all(len(i) <= proto.CHUNK_WINDOW for i in mine)
+        assert sorted(set().union(*map(set, mine))) == list(range(count))
+    again = [i for d, i in asked if d == "sim-0001" and 3 in i]
+    assert len(again) == 2 and again[1] == [3]  # asked again, for the lost chunk only
+    assert [i for d, i in asked if d == "sim-0000" and 3 in i] == [list(range(proto.CHUNK_WINDOW))]

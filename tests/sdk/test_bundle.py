@@ -167,3 +167,13 @@ def test_write_bundle_is_reproducible_and_checks_model_file(tmp_path, signing_ke
         write_bundle(tmp_path / "c.edgebundle", {**man, "model_file": "other.tflite"}, {"model.tflite": b"x"})
     with pytest.raises(BundleInvalidError, match="schema"):
         Manifest({**man, "schema": "edgesdk.bundle/99", "files": {}})
+
+
+@pytest.mark.parametrize(("key", "value"), [("name", "../m"), ("name", "my model"), ("version", ".."), ("version", 2),
+                                            ("name", "x" * 129)])
+def test_manifest_names_and_versions_are_ids(key: str, value: object) -> None:
+    man = {"schema": "edgesdk.bundle/1", "name": "m", "version": "1", "created_at": "2026-01-01T00:00:00+00:00",
+           "target": "cpu", "model_file": "model.tflite", "inputs": [], "outputs": [], "files": {}}
+    assert Manifest(man).name == "m"
+    with pytest.raises(BundleInvalidError, match=f"manifest {key} .* cannot name a model on devices"):
+        Manifest({**man, key: value})

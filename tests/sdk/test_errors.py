@@ -23,6 +23,13 @@ def test_missing_dependency_names_the_exact_pip_command() -> None:
     assert isinstance(exc.value.__cause__, ImportError)
 
 
+def test_a_package_two_roles_bring_names_both_extras() -> None:
+    with pytest.raises(errors.MissingDependencyError) as exc:
+        require("edgesdk_surely_not_installed", ("agent", "fleet"), "to talk to the MQTT broker")
+    assert str(exc.value).endswith("run pip install 'edgesdk[agent]' (or 'edgesdk[fleet]')")
+    assert exc.value.extras == ("agent", "fleet") and exc.value.exit_code == 3
+
+
 def test_exit_codes_distinguish_the_kinds() -> None:
     kinds = [errors.ConfigError, errors.MissingDependencyError, errors.ModelError, errors.DataError,
              errors.ConversionError, errors.AccuracyBudgetExceeded, errors.BundleError, errors.SignatureError,
