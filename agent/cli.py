@@ -13,9 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import click
 
@@ -136,6 +137,11 @@ def run_command(config_path: str, protocol: str, no_mqtt: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     cfg = load_config(config_path)
+    lock = _state_lock(cfg)  # held while the agent runs: agent deploy/rollback change a stopped agent's store only
+    if not lock.acquire():
+        raise ConfigError(f"state_dir {cfg.state_dir} is in use by pid {lock.holder()} ({lock.path}): another agent "
+                          "runs on it, or edgesdk agent deploy is installing into it; stop that agent, or start again "
+                          "when the deploy has finished")
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     log = logging.getLogger("edgesdk.agent")
@@ -153,6 +159,7 @@ def run_command(config_path: str, protocol: str, no_mqtt: bool) -> None:
     if link is not None:
         link.stop()
     agent.stop()
+    lock.release()
 
 
 @dataclass(frozen=True)
@@ -302,7 +309,7 @@ def render_unit(cfg: AgentConfig, account_name: str, group: str, supplementary: 
     devices = delegate_devices(cfg.delegate)
     binds = _outermost(Path(p) for p in home_paths)
     netlink = any(d.netlink for d in devices)
-    exec_start = [python, "-m", "sdk", "agent", "run", "--config", str(CONFIG_PATH)]
+    exec_start = [python, "-m", "edgesdk", "agent", "run", "--config", str(CONFIG_PATH)]
     return UNIT_TEMPLATE.format(
         exec_start=" ".join(_unit_quote(w) for w in exec_start),
         user=account_name,
@@ -480,6 +487,7 @@ def install_command(config_path: str, root: str, user: str, dry_run: bool) -> No
 
 
 def _client(cfg: Any) -> Optional[Any]:
+    """A client of the running agent, or None when nothing answers on its socket."""
     from sdk.errors import InferenceError
 
     from .client import AgentClient
@@ -488,6 +496,51 @@ def _client(cfg: Any) -> Optional[Any]:
         return AgentClient(cfg.socket_path, timeout=10)
     except InferenceError:
         return None
+
+
+def _state_lock(cfg: AgentConfig) -> Any:
+    """The lock ``agent run`` holds on its state dir while it runs (``<state_dir>/agent.lock``)."""
+    from sdk.locks import ProcessLock
+
+    return ProcessLock(cfg.state_dir / "agent.lock")
+
+
+@contextmanager
+def _while_stopped(cfg: AgentConfig, config_path: str) -> Iterator[None]:
+    """Change a stopped agent's state dir: under its lock (so the agent does not start in the
+    middle, and nothing changes under an agent that runs but does not answer on its socket), and
+    what was written given to the state dir's owner afterwards (an operator's ``sudo`` must not
+    leave root's files where the agent's own user writes)."""
+    from sdk.errors import InstallError
+
+    lock = _state_lock(cfg)
+    if not lock.acquire():
+        raise InstallError(f"an agent runs on {cfg.state_dir} (pid {lock.holder()} holds {lock.path}) but does not "
+                           f"answer on {cfg.socket_path}: check socket_path in {config_path}, and that you may use the "
+                           "socket (the agent's group)")
+    try:
+        yield
+    finally:
+        lock.release()
+        _give_to_owner(cfg.state_dir)
+
+
+def _give_to_owner(state_dir: Path) -> None:
+    """As root, hand everything under ``state_dir`` to the user owning it (when that is not root)."""
+    try:
+        owner = state_dir.stat()
+    except OSError:
+        return
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        _chown_tree(state_dir, Account("", owner.st_uid, owner.st_gid, ""))
+
+
+def _ago(at: float) -> str:
+    import time
+
+    seconds = max(0.0, time.time() - at)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return f"{when} ({seconds:.0f} s ago)" if seconds < 120 else f"{when} ({seconds / 60:.0f} min ago)"
 
 
 @agent_group.command("models")
@@ -534,15 +587,174 @@ def rollback_command(name: str, config_path: str) -> None:
     client = _client(cfg)
     if client is not None:
         with client:
-            try:
-                result = client.rollback(name)
-            except Exception as exc:
-                raise InstallError(str(exc)) from exc
+            result = client.rollback(name)
         click.echo(f"rolled {name} back to {result['version']} (was {result['previous']})")
         return
-    store = ModelStore(cfg.state_dir)
-    target, current = store.previous(name), store.active(name)
-    if not target:
-        raise InstallError(f"{name} has no previous version to roll back to")
-    store.activate(name, target, previous=current)
+    with _while_stopped(cfg, config_path):
+        store = ModelStore(cfg.state_dir)
+        target, current = store.previous(name), store.active(name)
+        if not target:
+            raise InstallError(f"{name} has no previous version to roll back to")
+        store.activate(name, target, previous=current)
     click.echo(f"{name}: active version set to {target} (was {current}); takes effect when the agent starts")
+
+
+def _read_bundle(path: str) -> bytes:
+    from sdk.errors import InstallError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InstallError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
+
+
+def _checks_line(result: dict[str, Any]) -> str:
+    """The health check's figures, as ``deploy`` prints them."""
+    line = f"health check passed: golden max error {result['golden_max_error']:.3g}, p50 {result['p50_ms']:.3f} ms"
+    if result.get("previous_p50_ms"):
+        line += f" (version {result['previous']}: {result['previous_p50_ms']:.3f} ms, measured alongside)"
+    return f"{line} on {result['delegate']}"
+
+
+@agent_group.command("deploy")
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the install's summary as JSON.")
+def deploy_command(bundle: str, config_path: str, as_json: bool) -> None:
+    """Install BUNDLE on this device without the fleet (sideload): into the running agent, which
+    verifies, health-checks and swaps it exactly as a fleet update (the old version keeps serving
+    when it is refused); when the agent is stopped, into its store after the same checks, served
+    when it starts. The outcome is reported to the fleet when the agent next reaches it."""
+    from sdk.cli import echo_json
+
+    from .daemon import Agent
+
+    cfg = load_config(config_path)
+    raw = _read_bundle(bundle)
+    client = _client(cfg)
+    if client is not None:
+        with client:
+            result = client.deploy(raw, Path(bundle).name)
+        where = "into the running agent"
+    else:
+        from sdk.native import native_stderr_to_log
+
+        with _while_stopped(cfg, config_path), native_stderr_to_log(logging.getLogger("edgesdk.agent")):
+            result = Agent(cfg).sideload(raw, Path(bundle).name)  # LiteRT's console lines go to the debug log
+        where = "into the store (the agent is not running: it serves it when it starts)"
+    result["running"] = client is not None
+    if as_json:
+        echo_json(result)
+        return
+    was = f" (was {result['previous']})" if result["previous"] else ""
+    click.echo(f"installed {result['model']}@{result['version']}{was} {where}")
+    click.echo(_checks_line(result))
+    click.echo(result["reported"])
+
+
+@agent_group.command("status")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status_command(config_path: str, as_json: bool) -> None:
+    """What the agent runs (models, versions), its broker link, its outbox and the last install:
+    from the running agent, else from its state dir (and it says so)."""
+    from sdk.cli import echo_json
+
+    from .daemon import stored_status
+
+    cfg = load_config(config_path)
+    client = _client(cfg)
+    if client is not None:
+        with client:
+            status = client.status()
+    else:
+        status = stored_status(cfg)
+    if as_json:
+        echo_json(status)
+        return
+    for line in _status_lines(status):
+        click.echo(line)
+
+
+def _status_lines(s: dict[str, Any]) -> list[str]:
+    running = (f"running (pid {s['pid']}, up {s['uptime_s']:.0f} s)" if s["running"]
+               else f"not running (read from its state dir {s['state_dir']})")
+    lines = [f"agent {s['device']}: {running}, edgesdk {s['agent_version']}, local API {s['socket']}"]
+    for m in s["models"]:
+        where = f" on {m['delegate']}" if m.get("delegate") else ""
+        lines.append(f"  model {m['name']}: {m['active'] or 'none active'} (previous {m['previous'] or 'none'}, "
+                     f"stored {', '.join(m['stored']) or 'none'}){where}")
+    if not s["models"]:
+        lines.append("  no models installed")
+    link = s["link"]
+    state = ("connected" if link["connected"] else "not connected") if link["enabled"] else \
+        "off (agent run --no-mqtt)" if link["enabled"] is False else "not connected (the agent is not running)"
+    lines.append(f"  broker {link['broker']}: {state}")
+    pending = s["outbox"]["pending"]
+    lines.append(f"  outbox: {'unknown (cannot be read)' if pending is None else pending} message(s) waiting for the "
+                 f"fleet's acknowledgement (at most {s['outbox']['max']})")
+    last = s["last_install"]
+    if last:
+        why = f": {last['reason']}" if last.get("reason") else ""
+        lines.append(f"  last install: {last['model'] or '?'}@{last['version'] or '?'} {last['outcome']} "
+                     f"({last['origin']}) {_ago(last['at'])}{why}")
+    else:
+        lines.append("  last install: none")
+    return lines
+
+
+def _predict_inputs(path: str, row: dict[str, Any]) -> list[Any]:
+    """INPUT as the model's inputs (batch first): an image file for a model with one image input,
+    else a .npy/.npz checked against the model's input shapes (:mod:`sdk.dataset`)."""
+    from sdk.dataset import IMAGE_SUFFIXES, InputSpec, load_dataset, load_image
+
+    entries = row["input_specs"]
+    specs = [InputSpec.from_manifest(e, i) for i, e in enumerate(entries)]
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        if len(specs) != 1:
+            from sdk.errors import DataError
+
+            raise DataError(f"{row['name']} takes {len(specs)} inputs: give a .npz with one array per input name")
+        return [load_image(path, specs[0], tuple(entries[0].get("value_range", (0.0, 1.0))))]
+    return load_dataset(path, specs, what="predict input", extra="images").xs
+
+
+@agent_group.command("predict")
+@click.argument("model")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@_config_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write the outputs to this .npz (by output name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+def predict_command(model: str, input_path: str, config_path: str, output: Optional[str], as_json: bool) -> None:
+    """Run MODEL on INPUT through the running agent and print the outputs. INPUT: an .npy or .npz
+    (samples batch first; a .npz by input name, or x, x0, x1...), or an image file (png, jpg, ...:
+    resized to the model's input; needs Pillow, pip install 'edgesdk[images]')."""
+    import numpy as np
+
+    from sdk.cli import echo_json
+    from sdk.errors import InferenceError
+
+    cfg = load_config(config_path)
+    client = _client(cfg)
+    if client is None:
+        raise InferenceError(f"the agent is not running (nothing answers on {cfg.socket_path}): start it "
+                             f"(edgesdk agent run --config {config_path}, or systemctl start {UNIT_NAME})")
+    with client:
+        row = next((r for r in client.models() if r["name"] == model and r["active"]), None)
+        if row is None:
+            raise InferenceError(f"no model named {model!r} is active on the agent: see edgesdk agent status")
+        xs = _predict_inputs(input_path, row)
+        per_sample = [client.predict(model, [x[i : i + 1] for x in xs]) for i in range(len(xs[0]))]
+    outputs = {name: np.concatenate([ys[k] for ys in per_sample]) for k, name in enumerate(row["outputs"])}
+    if output:
+        np.savez(output, **outputs)
+    if as_json:
+        echo_json({"model": model, "version": row["active"], "samples": len(xs[0]),
+                   "outputs": [{"name": n, "dtype": str(y.dtype), "shape": list(y.shape), "values": y.tolist()}
+                               for n, y in outputs.items()]})
+        return
+    click.echo(f"{model}@{row['active']}, {len(xs[0])} sample(s):")
+    for name, y in outputs.items():
+        click.echo(f"  {name} {y.dtype} {list(y.shape)}")
+        click.echo("  " + np.array2string(y, precision=6, max_line_width=100, prefix="  "))

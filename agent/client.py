@@ -9,11 +9,16 @@
         np.divide(camera_image, 127.5, out=frame); frame -= 1
         (logits,) = client.predict("mobilenet", [frame])     # ... and it reaches the agent as is
 
+        client.status()                                       # models, broker link, outbox, last install
+        client.deploy(open("digits-2.edgebundle", "rb").read())   # verified, health-checked, swapped
+
 One client holds one connection; use one per thread (connections are cheap). Inputs of
 ``shm_threshold`` bytes or more travel through a shared-memory region the client passes to the
 agent once (Linux ``memfd``): one memcpy instead of two copies through the kernel. Arrays made by
 :meth:`AgentClient.buffer` live in shared memory already, so they cost no copy at all, the way
 pycoral's ``input_tensor`` lets an application write into the interpreter's input.
+
+The wire format is specified in ``docs/local-api.md``; ``clients/c`` holds a client in C.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from sdk.errors import InferenceError
+from sdk.errors import InferenceError, InstallError
 
 from .localapi import (HDR, MAX_REGIONS, TEXT_HEAD, BufferedReader, Op, TensorSpec, close_region, parse_tensor_headers,
                        payload, request_head, send_parts, tensor_headers, tune_socket)
@@ -37,6 +42,8 @@ from .localapi import (HDR, MAX_REGIONS, TEXT_HEAD, BufferedReader, Op, TensorSp
 __all__ = ["AgentClient"]
 
 _SCRATCH = 0  # region for inputs copied in; the regions after it hold buffers made by buffer()
+#: the ops whose refusals are install errors (the rest are inference errors)
+_INSTALL_OPS = (Op.ROLLBACK, Op.DEPLOY)
 _MIN_REGION = 1 << 20
 _MAX_PLANS = 256
 
@@ -185,13 +192,33 @@ class AgentClient:
                 raise self._closed(exc) from exc
             return self._response(Op.PREDICT)
 
-    def _call(self, op: int, name: str = "") -> Any:
+    def _call(self, op: int, name: str = "", data: Optional[np.ndarray] = None, timeout: Optional[float] = None) -> Any:
+        """A request answered in JSON; ``data``: the one inline tensor it carries (a deploy's bundle);
+        ``timeout``: seconds to wait for this answer instead of the client's timeout."""
         with self._lock:
+            before = self._sock.gettimeout()
+            if timeout is not None:
+                self._sock.settimeout(timeout)
             try:
-                self._sock.sendall(request_head(op, name.encode()))
-            except OSError as exc:
-                raise self._closed(exc) from exc
-            return self._response(op)
+                try:
+                    if data is None:
+                        self._sock.sendall(request_head(op, name.encode()))
+                    else:
+                        head = request_head(op, name.encode(), tensor_headers([data]), 1)
+                        send_parts(self._sock, [head, payload(data)], len(head) + data.nbytes)
+                except OSError as exc:
+                    raise self._closed(exc) from exc
+                try:
+                    return self._response(op)
+                except TimeoutError as exc:
+                    raise InferenceError(f"the agent did not answer within {self._sock.gettimeout():g} s (it may "
+                                         "still finish: see edgesdk agent status)") from exc
+            except InferenceError as exc:
+                if op in _INSTALL_OPS:
+                    raise InstallError(str(exc)) from exc
+                raise
+            finally:
+                self._sock.settimeout(before)
 
     def _closed(self, exc: OSError) -> InferenceError:
         """The agent closed the connection before taking a request: what it said before closing
@@ -248,7 +275,20 @@ class AgentClient:
         return self._call(Op.MODELS)
 
     def rollback(self, model: str) -> dict[str, Any]:
+        """Reactivate ``model``'s previous version; InstallError with the agent's reason when it cannot."""
         return self._call(Op.ROLLBACK, model)
+
+    def deploy(self, bundle: bytes, name: str = "", *, timeout: Optional[float] = 600.0) -> dict[str, Any]:
+        """Install a signed bundle: verified, health-checked and swapped in exactly as a fleet
+        update, its outcome reported to the fleet. ``name`` (the bundle's file name) is for the
+        agent's messages; ``timeout``: seconds to wait (loading and checking a large model takes
+        a while). Returns the install's summary; InstallError with the reason when it is refused
+        (the model that was active keeps serving)."""
+        return self._call(Op.DEPLOY, name, np.frombuffer(bytes(bundle), dtype=np.uint8), timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What the agent runs (models, versions), its broker link, outbox depth and last install."""
+        return self._call(Op.STATUS)
 
     def ping(self) -> bool:
         return self._call(Op.PING) == "pong"

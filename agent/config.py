@@ -3,7 +3,7 @@
 Example (``edgesdk agent install`` writes one like it)::
 
     device_id = "pi-berlin-07"            # unique per device; default: the host name
-    broker_url = "mqtts://fleet.example:8883"   # mqtt:// or mqtts://
+    broker_url = "mqtts://fleet.example:8883"   # mqtt:// or mqtts://; a cluster: mqtts://node1:8883,node2:8883
     username = "pi-berlin-07"             # or client_cert + client_key (mutual TLS)
     password = "..."
     ca_file = "/etc/edgesdk/ca.pem"
@@ -95,9 +95,12 @@ class AgentConfig:
     def validate(self) -> None:
         if not self.device_id or any(c in self.device_id for c in "/+#"):
             raise ConfigError(f"device_id {self.device_id!r}: must be non-empty without '/', '+' or '#'")
-        url = urlparse(self.broker_url)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ConfigError(f"broker_url {self.broker_url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        from sdk.mqtt import BROKER_URL_USAGE, MqttSettings
+
+        try:
+            MqttSettings.from_url(self.broker_url)
+        except ConfigError as exc:
+            raise ConfigError(f"broker_url {self.broker_url!r}: {BROKER_URL_USAGE}") from exc
         if self.delegate not in DELEGATES:
             raise ConfigError(f"delegate {self.delegate!r}: choose one of {', '.join(DELEGATES)}")
         for name in ("threads", "pool_size", "outbox_max", "max_bundle_bytes", "max_task_bytes",
@@ -112,15 +115,6 @@ class AgentConfig:
             raise ConfigError("heartbeat_interval must be positive (seconds)")
         if bool(self.client_cert) != bool(self.client_key):
             raise ConfigError("client_cert and client_key go together (mutual TLS): set both or neither")
-
-    @property
-    def broker_host(self) -> str:
-        return urlparse(self.broker_url).hostname or "127.0.0.1"
-
-    @property
-    def broker_port(self) -> int:
-        url = urlparse(self.broker_url)
-        return url.port or (8883 if url.scheme == "mqtts" else 1883)
 
     @property
     def tls(self) -> bool:

@@ -9,6 +9,10 @@ In-process use::
     agent.rollback("digits")
     agent.stop()
 
+An operator's own bundle (``edgesdk agent deploy``) goes through :meth:`Agent.sideload`: the same
+install, with its outcome reported to the fleet without a rollout. :meth:`Agent.status` (and
+:func:`stored_status` for a stopped agent) is what ``edgesdk agent status`` shows.
+
 Swaps are atomic for callers: a request holds the :class:`ActiveModel` it started on, so
 requests in flight finish on the old version while new ones go to the new one.
 """
@@ -16,6 +20,7 @@ requests in flight finish on the old version while new ones go to the new one.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import shutil
@@ -27,7 +32,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 import sdk
-from sdk.errors import EdgeSdkError, InferenceError, InstallError
+from sdk import protocol as proto
+from sdk.bundle import Bundle
+from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, InferenceError, InstallError, ProtocolError
 from sdk.runtime import DelegateOptions, Runtime, available_delegates, find_runtime
 from sdk.signing import load_public_keys
 
@@ -35,12 +42,13 @@ from .config import AgentConfig
 from .installer import PreparedInstall, compare_latency, prepare_install
 from .localapi import LocalApiServer
 from .metrics import MetricsServer, prometheus_text
+from .outbox import Outbox, outbox_path, pending_in
 from .serving import ActiveModel, Inputs
 from .store import SPARE_BYTES, ModelStore
 
 log = logging.getLogger("edgesdk.agent")
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "stored_status"]
 
 
 class Agent:
@@ -67,13 +75,18 @@ class Agent:
         #: into it, the metrics endpoint shows it
         self.dropped: collections.Counter[str] = collections.Counter()
         self._dropped_lock = threading.Lock()
+        #: the running fleet link (:class:`agent.link.AgentLink` sets itself here): what status shows of
+        #: the broker and the outbox, and where sideloads are reported; None without one
+        self.link: Optional[Any] = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, *, local_api: bool = True) -> "Agent":
         self.load_active()
         if local_api:
             self._local = LocalApiServer(self.config.socket_path, self.predict, self.models, self._rollback_summary,
-                                         model=self.model, max_connections=self.config.local_api_max_connections)
+                                         model=self.model, max_connections=self.config.local_api_max_connections,
+                                         deploy=self.sideload, status=self.status,
+                                         max_deploy_bytes=self.config.max_bundle_bytes)
             self._local.start()
         if self.config.metrics_port:
             self._metrics = MetricsServer(self.config.metrics_port, self.metrics_text)
@@ -150,6 +163,7 @@ class Agent:
                 "delegate": m.delegate if m else None,
                 "inputs": [str(t.get("key") or t.get("name")) for t in m.manifest.get("inputs", [])] if m else [],
                 "outputs": [str(t.get("key") or t.get("name")) for t in m.manifest.get("outputs", [])] if m else [],
+                "input_specs": [dict(t) for t in m.manifest.get("inputs", [])] if m else [],
                 "stats": m.stats.summary() if m else None,
             })
         return out
@@ -171,10 +185,11 @@ class Agent:
         return prepare_install(raw, self.trusted, self.runtime, delegate=self.config.delegate, options=self.options,
                                pool_size=self.config.pool_size, source=source)
 
-    def install(self, bundle: Union[bytes, str, os.PathLike], *,
-                expected: Optional[tuple[str, str]] = None) -> dict[str, Any]:
+    def install(self, bundle: Union[bytes, str, os.PathLike], *, expected: Optional[tuple[str, str]] = None,
+                origin: str = "local") -> dict[str, Any]:
         """Verify, load, health-check and activate a bundle; on any failure the old model stays.
-        ``expected``: the ``(name, version)`` a command announced; a bundle that is another one is refused."""
+        ``expected``: the ``(name, version)`` a command announced; a bundle that is another one is refused.
+        ``origin`` (``fleet``, ``sideload``, ``local``) goes into the last install's record."""
         if isinstance(bundle, (str, os.PathLike)):
             try:
                 raw, source = Path(bundle).read_bytes(), str(bundle)
@@ -182,6 +197,20 @@ class Agent:
                 raise InstallError(f"cannot read bundle {bundle}: {exc.strerror or exc}") from exc
         else:
             raw, source = bytes(bundle), "<bundle>"
+        return self._install_recorded(raw, source, expected, origin)
+
+    def _install_recorded(self, raw: bytes, source: str, expected: Optional[tuple[str, str]],
+                          origin: str) -> dict[str, Any]:
+        """:meth:`_install`, its outcome kept as the last install (what ``agent status`` shows)."""
+        try:
+            result = self._install(raw, source, expected)
+        except EdgeSdkError as exc:
+            self._record_install("FAILED", *_declared(raw), str(exc), origin)
+            raise
+        self._record_install("SUCCEEDED", result["model"], result["version"], "", origin, result["previous"])
+        return result
+
+    def _install(self, raw: bytes, source: str, expected: Optional[tuple[str, str]]) -> dict[str, Any]:
         with self._install_lock:
             prepared = self._prepare(raw, source)
             name, version = prepared.name, prepared.version
@@ -203,6 +232,57 @@ class Agent:
                 self._models[name] = prepared.model  # the swap: new requests see the new model
         log.info("installed %s@%s (previous %s) on %s", name, version, previous, prepared.model.delegate)
         return {**summary, "previous": previous}
+
+    def _record_install(self, outcome: str, model: str, version: str, reason: str, origin: str,
+                        previous: Optional[str] = None) -> None:
+        record = {"model": model, "version": version, "outcome": outcome, "reason": reason, "origin": origin,
+                  "previous": previous, "at": time.time()}
+        try:
+            self.store.record_install(record)
+        except OSError as exc:  # the install itself is done (or refused): a record it cannot keep is only logged
+            log.warning("could not record the last install (%s@%s %s): %s", model, version, outcome, exc)
+
+    def sideload(self, bundle: bytes, source: str = "<bundle>") -> dict[str, Any]:
+        """Install a bundle an operator brought to the device (``edgesdk agent deploy``): the very
+        install a fleet update gets (:meth:`install`). Its outcome, a refusal too, is reported to
+        the fleet as an install status without a rollout, through the durable outbox: sent at once
+        by a running link, else when the agent next reaches the fleet. ``result["reported"]`` says
+        which."""
+        raw = bytes(bundle)
+        source = "".join(c for c in source if c.isprintable())[:128] or "<bundle>"  # for messages only
+        try:
+            result = self._install_recorded(raw, source, None, "sideload")
+        except EdgeSdkError as exc:
+            model, version = _declared(raw)
+            self._report_sideload("FAILED", model, version, f"sideload refused: {exc}")
+            raise
+        result["reported"] = self._report_sideload(
+            "SUCCEEDED", result["model"], result["version"], "sideloaded on the device", result["previous"],
+            result["p50_ms"], result.get("previous_p50_ms"), bundle_sha256=hashlib.sha256(raw).hexdigest())
+        return result
+
+    def _report_sideload(self, state: str, model: str, version: str, reason: str, previous: Optional[str] = None,
+                         p50_ms: Optional[float] = None, previous_p50_ms: Optional[float] = None,
+                         bundle_sha256: Optional[str] = None) -> str:
+        """Queue an install status for the fleet (through the link when one runs, else straight into
+        the outbox file); returns what became of it, in words."""
+        try:
+            status = proto.InstallStatus(device=self.config.device_id, model=model, version=version, state=state,
+                                         reason=proto.clip_text(reason), previous_version=previous, p50_ms=p50_ms,
+                                         previous_p50_ms=previous_p50_ms, bundle_sha256=bundle_sha256)
+            link = self.link
+            if link is not None:
+                link.report_install(status)
+                return "reported to the fleet"
+            outbox = Outbox(outbox_path(self.config.state_dir), self.config.outbox_max)
+            try:
+                outbox.put(status.id, proto.topic(self.config.device_id, "up"), status.to_payload())
+            finally:
+                outbox.close()
+        except (BackpressureError, BrokerError, ProtocolError) as exc:  # a full outbox; a bundle naming no model
+            log.warning("install status %s of %s@%s not queued for the fleet: %s", state, model, version, exc)
+            return f"not reported to the fleet: {exc}"
+        return "queued for the fleet (sent when the agent next reaches it)"
 
     def rollback(self, name: str, to_version: Optional[str] = None) -> dict[str, Any]:
         """Reactivate the previous (or a given stored) version of ``name``."""
@@ -242,6 +322,21 @@ class Agent:
     def delegates(self) -> list[str]:
         return available_delegates(self.options)
 
+    def status(self) -> dict[str, Any]:
+        """What ``edgesdk agent status`` shows of a running agent: its models and versions, its broker
+        link, its outbox depth and the last install."""
+        link = self.link
+        out = _status_base(self.config, self.store)
+        out.update(running=True, pid=os.getpid(), uptime_s=time.time() - self.started_at,
+                   models=[{k: m[k] for k in ("name", "active", "previous", "stored", "delegate")}
+                           for m in self.models()])
+        out["link"]["enabled"] = link is not None  # None is for a stopped agent: not known
+        if link is not None:
+            described = link.describe()
+            out["link"]["connected"] = described["connected"]
+            out["outbox"]["pending"] = described["outbox_pending"]
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {
             "device": self.config.device_id,
@@ -251,3 +346,33 @@ class Agent:
             "tags": dict(self.config.tags),
             "free_disk_bytes": shutil.disk_usage(self.store.root).free,
         }
+
+
+def _declared(raw: bytes) -> tuple[str, str]:
+    """The model and version a bundle's manifest names, unverified (for the report of a refused
+    install); ``("", "")`` when it has no readable manifest."""
+    try:
+        manifest = Bundle(raw).manifest
+    except EdgeSdkError:
+        return "", ""
+    return manifest.name, manifest.version
+
+
+def _status_base(config: AgentConfig, store: Optional[ModelStore]) -> dict[str, Any]:
+    """The part of the status a stopped agent's files tell as well as a running agent."""
+    return {
+        "device": config.device_id, "agent_version": sdk.__version__, "state_dir": str(config.state_dir),
+        "socket": str(config.socket_path), "running": False,
+        "link": {"broker": config.broker_url, "enabled": None, "connected": False},
+        "outbox": {"pending": pending_in(outbox_path(config.state_dir)), "max": config.outbox_max},
+        "last_install": store.last_install() if store is not None else None,
+    }
+
+
+def stored_status(config: AgentConfig) -> dict[str, Any]:
+    """The status of an agent that is not running, read from its state dir (nothing is created)."""
+    store = ModelStore(config.state_dir) if (config.state_dir / "models").is_dir() else None
+    out = _status_base(config, store)
+    out["models"] = [{"name": name, "active": store.active(name), "previous": store.previous(name),
+                      "stored": store.versions(name), "delegate": None} for name in store.names()] if store else []
+    return out

@@ -32,11 +32,15 @@ the durable outbox sender.
 * Batch work (``task``): the agent announces its free slots (:class:`~sdk.protocol.WorkRequest`)
   on connect, when a task finishes, when its models change and every ``announce_interval``
   seconds while it has free slots; it runs at most ``work_slots`` tasks at once and holds up to
-  ``prefetch`` more queued (announced, so the fleet sends the next task before this one ends);
+  ``prefetch`` more queued (announced, so the fleet sends the next task before this one ends;
+  more while tasks are short, enough for :data:`PREFETCH_HORIZON_S` of work, see
+  :attr:`AgentLink.prefetch`);
   a task runs as one batch (:meth:`agent.serving.ActiveModel.predict_batch`: one ``invoke`` where
   the model's batch dimension is dynamic). Each :class:`~sdk.protocol.TaskResult` (a binary
   frame) goes through the outbox; results that finish while the last ones are being written are
-  stored together, in one transaction, by a writer thread. A full outbox announces zero free slots.
+  stored together, in one transaction, by a writer thread, without a sync to disk of their own
+  (a result lost to a power cut is a task the fleet re-dispatches). A full outbox announces zero
+  free slots.
 * Outbox sender: publishes what the outbox holds, again after every reconnect, whenever a new
   fleet session appears on the fleet's presence topic, and after ``resend_after`` seconds
   without an ack.
@@ -45,6 +49,7 @@ the durable outbox sender.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +66,21 @@ from sdk.mqtt import MqttConnection, MqttSettings
 from sdk.pieces import PieceRefused, Reassembler
 
 from .daemon import Agent
-from .outbox import Outbox
+from .outbox import Outbox, outbox_path
 from .transfer import Transfer
 
 log = logging.getLogger("edgesdk.agent.link")
 
-__all__ = ["AgentLink"]
+__all__ = ["AgentLink", "PREFETCH_HORIZON_S"]
+
+#: seconds of work an agent holds queued (beyond the tasks running) when its tasks are short: the
+#: round trip from a result to the task that replaces it (outbox, broker, the fleet's transaction
+#: and its sync to disk, broker again) took 10-60 ms on a loaded 2-core machine, and a device that
+#: holds less than that idles between tasks
+PREFETCH_HORIZON_S = 0.1
+
+#: weight of the newest task in the moving averages of task run time and size
+_AVERAGE_WEIGHT = 0.2
 
 
 @dataclass
@@ -102,17 +116,17 @@ class AgentLink:
         announce_interval: float = 5.0,
         piece_timeout: float = 120.0,
         prefetch: Optional[int] = None,
+        prefetch_horizon: float = PREFETCH_HORIZON_S,
     ) -> None:
         self.agent = agent
         cfg = agent.config
         self.device = cfg.device_id
-        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max)
+        self.outbox = Outbox(outbox_path(cfg.state_dir), cfg.outbox_max)
         self.resend_after = resend_after
         self.chunk_timeout = chunk_timeout
-        self.settings = MqttSettings(
-            host=cfg.broker_host, port=cfg.broker_port, client_id=f"edgesdk-agent-{self.device}", tls=cfg.tls,
-            ca_file=cfg.ca_file, client_cert=cfg.client_cert, client_key=cfg.client_key, username=cfg.username,
-            password=cfg.password, protocol=protocol,
+        self.settings = MqttSettings.from_url(  # one broker, or the nodes of a cluster to fail over between
+            cfg.broker_url, client_id=f"edgesdk-agent-{self.device}", ca_file=cfg.ca_file, client_cert=cfg.client_cert,
+            client_key=cfg.client_key, username=cfg.username, password=cfg.password, protocol=protocol, extra="agent",
         )
         self._factory = connection_factory
         self.conn: Optional[MqttConnection] = None
@@ -123,9 +137,17 @@ class AgentLink:
         self._tlock = threading.Lock()
         self.capacity = cfg.work_slots or cfg.pool_size
         self.announce_interval = announce_interval
-        #: tasks held queued beyond those running, so the next one is already here when one ends
-        #: (announced in every WorkRequest; the fleet never has more than capacity + prefetch out)
-        self.prefetch = max(0, min(proto.MAX_PREFETCH, cfg.prefetch if prefetch is None else prefetch))
+        #: tasks held queued beyond those running at least, so the next one is already here when one
+        #: ends (0: none); more while tasks are short (:attr:`prefetch`)
+        self.prefetch_min = max(0, min(proto.MAX_PREFETCH, cfg.prefetch if prefetch is None else prefetch))
+        self.prefetch_horizon = prefetch_horizon
+        self._max_queued_bytes = cfg.max_task_bytes
+        #: recent tasks' run time in seconds and input bytes (moving averages; None before the first)
+        self._task_s: Optional[float] = None
+        self._task_bytes = 0.0
+        #: the most this agent ever announced: the fleet may still act on that announcement, so
+        #: tasks within it are never declined when :attr:`prefetch` shrinks
+        self._announced_prefetch = self.prefetch_min
         self._tasks = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="edgesdk-task")
         self._running: set[str] = set()
         #: finished tasks' results (topic, payload, message id, task id) waiting for the writer, which
@@ -157,6 +179,7 @@ class AgentLink:
         self.conn = self._factory(self.settings, self._handle, subs, will=will, on_connected=self._on_connected)
         self.conn.start()
         self.agent.result_sink = lambda model, outputs, key: self.publish_result(model, outputs, key=key)
+        self.agent.link = self
         for target, name in ((self._sender, "outbox"), (self._heartbeats, "heartbeat"), (self._watchdog, "transfers")):
             t = threading.Thread(target=target, name=f"edgesdk-{name}", daemon=True)
             t.start()
@@ -167,6 +190,7 @@ class AgentLink:
 
     def stop(self) -> None:
         self.agent.result_sink = None
+        self.agent.link = None
         self._stop.set()
         self.outbox.changed.set()
         for t in self._threads:
@@ -196,6 +220,18 @@ class AgentLink:
     def publish_status(self) -> None:
         self._publish(proto.topic(self.device, "status"), self._status().to_payload(), retain=True)
 
+    def describe(self) -> dict[str, Any]:
+        """The link as ``edgesdk agent status`` shows it: connected or not, and the outbox's depth."""
+        return {"connected": self.conn is not None and self.conn.connected.is_set(), "outbox_pending": len(self.outbox)}
+
+    def report_install(self, status: proto.InstallStatus) -> None:
+        """An install the fleet did not ask for (a sideload): its status through the outbox, and,
+        when it changed what runs, the device's presence and free slots again."""
+        self.send_durable(status)
+        if status.state == "SUCCEEDED":
+            self._safe_status()
+            self.announce_work()
+
     def _on_connected(self) -> None:
         self.publish_status()
         self._resync()
@@ -211,11 +247,34 @@ class AgentLink:
         self.announce_work()
 
     # --- batch work ----------------------------------------------------------------------------
+    @property
+    def prefetch(self) -> int:
+        """Tasks to hold queued beyond those running, as announced: ``prefetch_min``, or, while
+        tasks are short, enough for ``prefetch_horizon`` seconds of work on every slot (at most
+        :data:`~sdk.protocol.MAX_PREFETCH`, and as many as ``max_task_bytes`` holds). 0 stays 0."""
+        task_s = self._task_s
+        if not self.prefetch_min or task_s is None:
+            return self.prefetch_min
+        by_time = math.ceil(self.prefetch_horizon * self.capacity / max(task_s, 1e-6))
+        by_memory = int(self._max_queued_bytes // max(self._task_bytes, 1.0))
+        return max(self.prefetch_min, min(proto.MAX_PREFETCH, by_time, by_memory))
+
+    def _task_ran(self, seconds: float, nbytes: int) -> None:
+        """Fold one task's run time and input size into the averages :attr:`prefetch` reads."""
+        if self._task_s is None:
+            self._task_s, self._task_bytes = seconds, float(nbytes)
+        else:
+            w = _AVERAGE_WEIGHT
+            self._task_s = (1 - w) * self._task_s + w * seconds
+            self._task_bytes = (1 - w) * self._task_bytes + w * nbytes
+
     def _work_request(self) -> proto.WorkRequest:
         models = self.agent.active_versions()  # after every task: no latency quantiles computed here
+        prefetch = self.prefetch
         with self._tlock:
             held = list(self._running)
-        return proto.WorkRequest.of_device(self.device, models, self.capacity, self.prefetch, held,
+            self._announced_prefetch = max(self._announced_prefetch, prefetch)
+        return proto.WorkRequest.of_device(self.device, models, self.capacity, prefetch, held,
                                            accepting=not self.outbox.full and not self._stop.is_set())
 
     def announce_work(self) -> None:
@@ -246,7 +305,8 @@ class AgentLink:
                 return  # a duplicate delivery of a task already running
             # the fleet keeps at most capacity + prefetch tasks outstanding; a few more can arrive
             # when a re-dispatched task's first result came back early: room for those, then declined
-            if self.outbox.full or proto.WorkRequest.holds_too_many(len(self._running), self.capacity, self.prefetch):
+            if self.outbox.full or proto.WorkRequest.holds_too_many(len(self._running), self.capacity,
+                                                                    self._announced_prefetch):
                 log.warning("declined task %s of job %s: %s", task.id, task.job,
                             "outbox full" if self.outbox.full else "too many tasks queued")
                 declined = True
@@ -286,11 +346,12 @@ class AgentLink:
         with self._results_cv:
             self._results.append((topic, payload, msg.id, task.id))
             self._results_cv.notify()
+            self._task_ran(time.perf_counter() - t0, sum(int(getattr(x, "nbytes", 0)) for x in task.inputs))
 
     def _write_results(self) -> None:
         """The result writer: stores the results gathered since its last write in one outbox
-        transaction, then frees their tasks' slots and announces them (until the link stops and
-        every task has finished)."""
+        transaction and publishes them, then frees their tasks' slots and announces them (until
+        the link stops and every task has finished)."""
         while True:
             with self._results_cv:
                 while not self._results and not self._results_closed:
@@ -298,8 +359,15 @@ class AgentLink:
                 batch, self._results = self._results, []
                 if not batch and self._results_closed:
                     return
+            sending = self.conn is not None and self.conn.connected.is_set()
             try:
-                self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch])
+                # no sync to disk of their own: a result lost to a power cut is a task the fleet
+                # re-dispatches (its lease ends, or the Last-Will puts it back), and the sync was
+                # a quarter of an agent's round trip between a result and its next task
+                self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch], durable=False,
+                                     sending=sending)
+                if sending:  # published from here: no read back from the outbox by the sender thread
+                    self._send_stored(batch)
             except BackpressureError as exc:  # stored one by one: as many as fit, the rest re-dispatched
                 for topic, payload, mid, task_id in batch:
                     try:
@@ -309,6 +377,16 @@ class AgentLink:
             except Exception:  # the disk failed: the fleet re-dispatches these tasks when their leases end
                 log.exception("results of %d task(s) could not be stored", len(batch))
             self._release([task_id for *_, task_id in batch])
+
+    def _send_stored(self, batch: list[tuple[str, bytes, str, str]]) -> None:
+        """Publish results just stored as sent; one that cannot go now goes after the reconnect
+        (which makes the whole outbox due again) or after ``resend_after``."""
+        for topic, payload, *_ in batch:
+            try:
+                self.conn.publish(topic, payload, qos=1)
+            except BrokerError as exc:
+                log.debug("results sent after the reconnect: %s", exc)
+                return
 
     def _release(self, task_ids: list[str]) -> None:
         """These tasks are over (their results stored, or lost to be re-dispatched): free their slots."""
@@ -637,7 +715,7 @@ class AgentLink:
             else:
                 data = transfer.assemble()
             if not fallback:  # the rebuilt bundle goes through exactly the path a full one does
-                result = self.agent.install(data, expected=(cmd.model, cmd.version))
+                result = self.agent.install(data, expected=(cmd.model, cmd.version), origin="fleet")
         except EdgeSdkError as exc:
             failure = str(exc)
         except Exception as exc:  # a bug must not leave the transfer (and its rollouts) hanging

@@ -24,10 +24,13 @@ because after a multi-millisecond inference has swept the caches every Python st
 microseconds: cutting the per-request steps took MobileNetV2's socket overhead from about
 +500 µs to the figures in the README.
 
-Ops: ``PREDICT`` (flags bit 0: raw integer I/O; bit 1: also publish the result to the fleet
-durably, the name field then being ``model\\0key``), ``MODELS`` and ``ROLLBACK`` (JSON in the
-message of the response: the only non-tensor payloads), ``PING``, and ``ATTACH``: the client
-passes a shared-memory file descriptor (``memfd``; the name field is ``"<region> <size>"``, region
+The wire format is specified in ``docs/local-api.md`` (enough to write a client in any language;
+``clients/c`` is one in C). Ops: ``PREDICT`` (flags bit 0: raw integer I/O; bit 1: also publish
+the result to the fleet durably, the name field then being ``model\\0key``), ``MODELS``,
+``ROLLBACK``, ``STATUS`` and ``DEPLOY`` (JSON in the message of the response: the only non-tensor
+payloads; a deploy carries the bundle as one inline uint8 tensor, at most ``max_bundle_bytes``,
+and the name field is the bundle's file name, for messages only), ``PING``, and ``ATTACH``: the
+client passes a shared-memory file descriptor (``memfd``; the name field is ``"<region> <size>"``, region
 0-15, a new one replacing the old). The agent answers ``"send-fd"``, the client then sends one
 byte carrying the descriptor (``SCM_RIGHTS``), and the agent checks it is sealed against
 shrinking (``F_SEAL_SHRINK``: a client that shrank it would crash the agent on its next read),
@@ -101,6 +104,13 @@ class Op:
     PING = 3
     ROLLBACK = 4
     ATTACH = 5
+    DEPLOY = 6
+    STATUS = 7
+
+
+#: the ops whose requests carry tensors
+_TENSOR_OPS = (Op.PREDICT, Op.DEPLOY)
+_BYTES = np.dtype(np.uint8)  # a deploy's one tensor: the bundle file's bytes
 
 
 class TensorSpec(NamedTuple):
@@ -300,9 +310,12 @@ class _Request:
         self.op, self.flags = op, flags
         self.name, _, key = text.partition("\0")
         self.key = key if flags & 2 else None
-        if count and op != Op.PREDICT:
+        if count and op not in _TENSOR_OPS:
             raise InferenceError(f"op {op} carries no tensors ({_VERSION_HINT})")
         self.specs = parse_tensor_headers(head, pos, count)
+        if op == Op.DEPLOY and [(s.dtype, len(s.shape), s.offset) for s in self.specs] != [(_BYTES, 1, None)]:
+            raise InferenceError(f"a deploy request carries the bundle as one inline 1-D uint8 tensor "
+                                 f"({_VERSION_HINT})")
         self.inline = any(s.offset is None for s in self.specs)
         self.inline_bytes = sum(s.nbytes for s in self.specs if s.offset is None)
         self.checked: Optional[weakref.ref] = None  # the model the verdict below is for
@@ -365,9 +378,12 @@ class LocalApiServer:
     def __init__(self, path: os.PathLike | str, predict: Callable[..., list[np.ndarray]],
                  models: Callable[[], Any], rollback: Callable[[str], Any], *,
                  model: Optional[Callable[[str], Any]] = None, max_connections: int = 64, mode: int = 0o660,
-                 max_request_bytes: int = 64 << 20) -> None:
+                 max_request_bytes: int = 64 << 20, deploy: Optional[Callable[[bytes, str], Any]] = None,
+                 status: Optional[Callable[[], Any]] = None, max_deploy_bytes: int = 512 << 20) -> None:
         self.path = Path(path)
         self._predict, self._models, self._rollback = predict, models, rollback
+        self._deploy, self._status = deploy, status
+        self.max_deploy_bytes = max_deploy_bytes
         self._model = model
         self.max_connections = max_connections
         self.mode = mode
@@ -526,6 +542,11 @@ class LocalApiServer:
 
     def _parse(self, head: bytes, regions: dict[int, mmap.mmap]) -> _Request:
         req = _Request(head, regions)
+        if req.op == Op.DEPLOY:
+            if req.inline_bytes > self.max_deploy_bytes:
+                raise InferenceError(f"a bundle of {req.inline_bytes} bytes is more than this agent takes "
+                                     f"(max_bundle_bytes {self.max_deploy_bytes}): raise it in the agent's config")
+            return req
         if self._model is None and req.inline_bytes > self.max_request_bytes:
             raise InferenceError(f"a request of {req.inline_bytes} bytes is more than this server takes "
                                  f"({self.max_request_bytes})")
@@ -601,6 +622,10 @@ class LocalApiServer:
                 answer = _ok_json(self._models())
             elif req.op == Op.ROLLBACK:
                 answer = _ok_json(self._rollback(req.name))
+            elif req.op == Op.DEPLOY and self._deploy is not None:
+                answer = _ok_json(self._deploy(arrays[0].tobytes(), req.name or "<bundle>"))
+            elif req.op == Op.STATUS and self._status is not None:
+                answer = _ok_json(self._status())
             elif req.op == Op.PING:
                 answer = _ok_json("pong")
             else:

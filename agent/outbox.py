@@ -28,7 +28,27 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sdk.errors import BackpressureError
 
-__all__ = ["Outbox", "OutboxMessage"]
+__all__ = ["Outbox", "OutboxMessage", "outbox_path", "pending_in"]
+
+
+def outbox_path(state_dir: os.PathLike | str) -> Path:
+    """Where an agent with ``state_dir`` keeps its outbox."""
+    return Path(state_dir) / "outbox.sqlite"
+
+
+def pending_in(path: os.PathLike | str) -> Optional[int]:
+    """How many messages the outbox at ``path`` holds, read without creating or changing anything
+    (a stopped agent's status); 0 when there is no outbox, None when it cannot be read."""
+    if not Path(path).exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
 
 
 @dataclass
@@ -62,13 +82,19 @@ class Outbox:
         """Store a message durably; raise BackpressureError when the outbox is full."""
         self.put_many([(msg_id, topic, payload)])
 
-    def put_many(self, messages: Sequence[tuple[str, str, bytes]]) -> None:
-        """Store ``(id, topic, payload)`` messages durably in one transaction (one sync to disk for
-        all of them: what lets an agent keep up with small tasks); all or none. Raises
-        BackpressureError when they do not all fit."""
+    def put_many(self, messages: Sequence[tuple[str, str, bytes]], *, durable: bool = True,
+                 sending: bool = False) -> None:
+        """Store ``(id, topic, payload)`` messages in one transaction (one sync to disk for all of
+        them), all or none. Raises BackpressureError when they do not all fit. ``durable=False``:
+        no sync to disk of their own (they survive the agent being killed, not a power cut; the
+        next durable commit syncs them too): for messages the fleet can do without, such as task
+        results, whose tasks it re-dispatches when no result comes. ``sending``: the caller
+        publishes them itself right after this returns, so they are stored as sent now (due
+        again after ``resend_after``, or at once after a reconnect, :meth:`reset_sent`)."""
         if not messages:
             return
         now = self.clock()
+        sent_at, attempts = (now, 1) if sending else (None, 0)
         with self._lock:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             if count + len(messages) > self.max_messages:
@@ -76,17 +102,20 @@ class Outbox:
                     f"the outbox holds {count} unacknowledged messages (outbox_max {self.max_messages}): "
                     "the fleet has not acknowledged results, so no new work is accepted until it does"
                 )
-            self._many("INSERT OR IGNORE INTO outbox (id, topic, payload, created) VALUES (?, ?, ?, ?)",
-                       [(i, t, p, now) for i, t, p in messages])
-        self.changed.set()
+            self._many("INSERT OR IGNORE INTO outbox (id, topic, payload, created, sent_at, attempts) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", [(i, t, p, now, sent_at, attempts) for i, t, p in messages], durable)
+        if not sending:
+            self.changed.set()
 
     def _many(self, sql: str, rows: list[tuple], durable: bool = True) -> Any:
         """``executemany`` in one transaction (autocommit would sync once per row); under ``_lock``.
         ``durable=False`` skips the sync to disk for this commit: for bookkeeping whose loss in a
         power cut only means a message is sent again (send times, acknowledged deletions; the
-        fleet de-duplicates); the next durable commit syncs it along with its own."""
+        fleet de-duplicates) and for task results; the next durable commit syncs it along with
+        its own. (``NORMAL``, not ``OFF``: in WAL mode NORMAL cannot corrupt the database in a
+        power cut, OFF can.)"""
         if not durable:
-            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:

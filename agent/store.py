@@ -5,10 +5,13 @@ Layout under ``<state_dir>/models``::
     <name>/<version>/bundle.edgebundle    the verified bundle, as received
     <name>/<version>/bundle.sha256        its sha256 (written by the agent: the index of delta bases)
     <name>/active.json                    {"version": "2", "previous": "1"}
+    .last-install.json                    the last install's outcome (``edgesdk agent status``)
 
 ``active.json`` is replaced with write-to-temp + fsync + ``os.replace`` (atomic on POSIX), so a
 power cut leaves either the old or the new pointer, never a torn one. The previous version is
 kept for rollback; older ones are pruned. On restart the agent loads every active version.
+The last install record starts with a dot, so no model (names start with a letter or digit) can
+be called that.
 
 Names and versions come from bundles and from commands, so every path built from one goes
 through :func:`sdk.paths.confined` (one plain name, resolving inside ``models``); anything else
@@ -22,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from sdk.errors import InstallError, ProtocolError
 from sdk.paths import SAFE_NAME, confined
@@ -32,6 +35,7 @@ __all__ = ["ModelStore", "SPARE_BYTES"]
 #: free disk the agent keeps beyond what an install writes (SQLite outbox, logs, the next pointer)
 SPARE_BYTES = 16 << 20
 _SHA_FILE = "bundle.sha256"
+_LAST_INSTALL = ".last-install.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -162,6 +166,18 @@ class ModelStore:
         for version in self.versions(name):
             if version not in keep:
                 shutil.rmtree(self._dir(name, version), ignore_errors=True)
+
+    def record_install(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` (model, version, outcome, reason, when, how) as the last install."""
+        _atomic_write(self.root / _LAST_INSTALL, json.dumps(record, sort_keys=True).encode())
+
+    def last_install(self) -> Optional[dict[str, Any]]:
+        """The last install's record, or None when there has been none (or it cannot be read)."""
+        try:
+            record = json.loads((self.root / _LAST_INSTALL).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def describe(self) -> list[dict[str, Optional[str]]]:
         return [

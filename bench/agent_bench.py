@@ -92,7 +92,7 @@ def main() -> int:
             agent.install(path)
         cfg_file = tmp / "agent.toml"
         cfg_file.write_text(cfg.to_toml())
-        proc = subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--no-mqtt", "--config", str(cfg_file)],
+        proc = subprocess.Popen([sys.executable, "-m", "edgesdk", "agent", "run", "--no-mqtt", "--config", str(cfg_file)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60

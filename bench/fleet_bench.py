@@ -314,7 +314,7 @@ def main() -> int:
                 setup = Agent(cfg)
                 setup.install(bundle)
                 setup.stop()
-                procs.append(subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--config",
+                procs.append(subprocess.Popen([sys.executable, "-m", "edgesdk", "agent", "run", "--config",
                                                str(tmp / f"{name}.toml")], stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
             reps = max(1, args.agent_samples // len(digits.x_test))

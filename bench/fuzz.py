@@ -267,7 +267,7 @@ def _proc_memory(pid: int) -> dict[str, int]:
 
 
 class AgentProcess:
-    """``python -m sdk agent run --config ...`` with its state in the layout and its log in aux."""
+    """``python -m edgesdk agent run --config ...`` with its state in the layout and its log in aux."""
 
     def __init__(self, layout: Layout, url: str, public_key: Path) -> None:
         from agent.config import load_config
@@ -294,7 +294,7 @@ class AgentProcess:
 
         with open(self.log_path, "ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sdk", "agent", "run", "--config", str(self.config_path)],
+                [sys.executable, "-m", "edgesdk", "agent", "run", "--config", str(self.config_path)],
                 stdout=fh, stderr=subprocess.STDOUT, cwd=self.layout.top / "cwd", preexec_fn=limits,
                 env={**os.environ, "EDGESDK_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
                      "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})

@@ -47,7 +47,7 @@ def start_agent(tmp: Path, url: str, public: Path, bundles: list[Path]) -> subpr
     for b in bundles:
         setup.install(b)
     setup.stop()
-    return subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--config", str(tmp / "agent.toml")],
+    return subprocess.Popen([sys.executable, "-m", "edgesdk", "agent", "run", "--config", str(tmp / "agent.toml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

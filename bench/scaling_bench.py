@@ -46,7 +46,7 @@ def _cpu_s(pid: int) -> float:
 def start_boards(url: str, devices: int, per_sample_s: float, prefix: str, prefetch: int) -> subprocess.Popen:
     """``devices`` simulated boards in their own process (``edgesdk fleet simulate``), so they do
     not share the fleet's interpreter lock: like boards, they cost the fleet nothing but messages."""
-    return subprocess.Popen([sys.executable, "-m", "sdk", "fleet", "--broker", url, "simulate", str(devices),
+    return subprocess.Popen([sys.executable, "-m", "edgesdk", "fleet", "--broker", url, "simulate", str(devices),
                              "--model", "board=1", "--infer-ms", f"{per_sample_s * 1000:g}", "--capacity", "1",
                              "--prefetch", str(prefetch), "--prefix", prefix], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

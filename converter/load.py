@@ -30,7 +30,7 @@ def as_dataset(value: Any, src: SourceModel, what: str, limit: Optional[int], im
         data = value.take(limit)
     else:
         specs = [dataclasses.replace(spec, pixels=True) if n is not None else spec for spec, n in zip(src.inputs, norms)]
-        data = load_dataset(value, specs, what=what, limit=limit, value_range=image_range)
+        data = load_dataset(value, specs, what=what, limit=limit, value_range=image_range, extra="converter")
     if any(n is not None and x.dtype == np.uint8 for n, x in zip(norms, data.xs)):
         xs = [n.apply(x) if n is not None and x.dtype == np.uint8 else x for n, x in zip(norms, data.xs)]
         data = Dataset(xs, data.y, data.source, data.names)

@@ -40,13 +40,15 @@ def _wait_listening(port: int, timeout: float) -> bool:
 
 
 class EmbeddedBroker:
-    def __init__(self, kind: str = "auto", port: Optional[int] = None) -> None:
+    def __init__(self, kind: str = "auto", port: Optional[int] = None, *, defaults: bool = False) -> None:
+        """``defaults``: Mosquitto with its own queue limits (as installed), not the raised one."""
         if kind == "auto":
             kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
         if kind not in ("mosquitto", "amqtt"):
             raise BrokerError(f"unknown embedded broker {kind!r}: mosquitto or amqtt")
         self.kind = kind
         self.port = port or free_port()
+        self.defaults = defaults
         self._proc: Optional[subprocess.Popen] = None
         self._dir: Optional[tempfile.TemporaryDirectory] = None
         self._loop = None
@@ -67,7 +69,8 @@ class EmbeddedBroker:
             self._dir = tempfile.TemporaryDirectory(prefix="edgesdk-broker-")
             conf = Path(self._dir.name) / "mosquitto.conf"
             conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nset_tcp_nodelay true\n"
-                            "allow_anonymous true\npersistence false\nmax_queued_messages 100000\n")
+                            "allow_anonymous true\npersistence false\n"
+                            + ("" if self.defaults else "max_queued_messages 100000\n"))
             self._proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
         else:

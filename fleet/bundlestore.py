@@ -1,66 +1,42 @@
-"""The fleet's bundle store: every bundle a rollout sends, kept as ``<root>/<sha256>.edgebundle``,
-and every delta made between two of them, as ``<root>/<delta sha256>.delta``.
+"""The fleet's bundle store: every bundle a rollout sends, and every delta made between two of
+them, by sha256, in the storage backend's blob store (files beside a SQLite database, rows of a
+PostgreSQL one: :mod:`fleet.storage`).
 
-The sha256 that names a file arrives in messages too (a device's chunk request names the bundle
-it wants), so this module is the one place where the fleet turns a bundle digest into a path,
-and it does so only through :func:`sdk.paths.confined`: a digest that is not one plain name,
-or that would lead out of the store, is refused with :class:`~sdk.errors.ProtocolError`.
-(``tests/sdk/test_paths.py`` scans this module for any other way of joining paths.)
+The sha256 that names a bundle arrives in messages too (a device's chunk request names the
+bundle it wants). The blob stores refuse a name that is not one plain name
+(:func:`fleet.storage._check_blob`), and the file-backed one turns names into paths only
+through :func:`sdk.paths.confined` (``tests/sdk/test_paths.py`` scans it for any other way of
+joining paths).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Union
+from typing import Optional
 
-from sdk.bundle import BUNDLE_SUFFIX
-from sdk.paths import confined
+from .storage import Blobs, FleetDB
 
-__all__ = ["BundleStore", "DELTA_SUFFIX"]
-
-#: a delta between two bundles, named by its own sha256 (see :mod:`fleet.deltas`)
-DELTA_SUFFIX = ".delta"
+__all__ = ["BundleStore"]
 
 
 class BundleStore:
-    """Bundles by sha256 under ``root`` (created on the first :meth:`put`)."""
+    """Bundles and deltas by sha256 in ``blobs``."""
 
-    def __init__(self, root: Union[str, os.PathLike]) -> None:
-        self.root = Path(root)
+    def __init__(self, blobs: Blobs) -> None:
+        self.blobs = blobs
 
-    def path(self, sha256: str) -> Path:
-        """Where the bundle ``sha256`` lives (ProtocolError for a digest that cannot name a file)."""
-        return confined(self.root, sha256, suffix=BUNDLE_SUFFIX)
+    def put(self, sha256: str, data: bytes, db: Optional[FleetDB] = None) -> None:
+        """Keep ``data`` as bundle ``sha256`` (a bundle that is there already is kept)."""
+        self.blobs.put("bundle", sha256, data, db)
 
-    def put(self, sha256: str, data: bytes) -> Path:
-        """Keep ``data`` as bundle ``sha256`` (atomically: written aside, then renamed); its path."""
-        target = self.path(sha256)
-        if not target.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = confined(self.root, sha256, suffix=".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        return target
-
-    def read(self, sha256: str) -> bytes:
-        """The bytes of bundle ``sha256``, or of the delta ``sha256`` (a blob chunks are served
-        from either way); OSError when the store holds neither."""
+    def read(self, sha256: str, db: Optional[FleetDB] = None) -> bytes:
+        """The bytes of bundle ``sha256``, or of the delta ``sha256`` (chunks are served from
+        either); OSError when the store holds neither, ProtocolError for a digest that cannot
+        name a blob."""
         try:
-            return self.path(sha256).read_bytes()
+            return self.blobs.get("bundle", sha256, db)
         except FileNotFoundError:
-            return self.delta_path(sha256).read_bytes()
+            return self.blobs.get("delta", sha256, db)
 
-    def delta_path(self, sha256: str) -> Path:
-        """Where the delta blob ``sha256`` lives (ProtocolError for a digest that cannot name a file)."""
-        return confined(self.root, sha256, suffix=DELTA_SUFFIX)
-
-    def put_delta(self, sha256: str, data: bytes) -> Path:
-        """Keep ``data`` as delta ``sha256`` (atomically), beside the bundles; its path."""
-        target = self.delta_path(sha256)
-        if not target.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = confined(self.root, sha256, suffix=".delta-tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        return target
+    def put_delta(self, sha256: str, data: bytes, db: Optional[FleetDB] = None) -> None:
+        """Keep ``data`` as delta ``sha256``, beside the bundles."""
+        self.blobs.put("delta", sha256, data, db)

@@ -1,8 +1,10 @@
 """``edgesdk fleet ...``: devices, rollouts and batch jobs, a thin layer over :class:`fleet.Fleet`.
 
 Commands that need work done (``deploy``, ``rollout --watch``, ``rollback``, ``run``, ``job
-resume``) drive it themselves when no ``edgesdk fleet serve`` controls the state directory, and
-otherwise write their request to the database and watch the running controller do it.
+resume``) drive it themselves when no controller (``edgesdk fleet serve``) leads, and otherwise
+write their request to the fleet's database and watch the leading controller do it, on this
+machine or another: with ``--db postgresql://...`` every command works from any machine that
+reaches the database.
 """
 
 from __future__ import annotations
@@ -17,27 +19,34 @@ from typing import Any, Iterator, Optional
 
 import click
 
+from sdk.errors import FleetError
+
 __all__ = ["fleet_group"]
 
 
-def _fleet(ctx: click.Context) -> Any:
+def _fleet(ctx: click.Context, **kw: Any) -> Any:
     from .service import Fleet
 
     o = ctx.obj["fleet_options"]
-    return Fleet(o["state"], o["broker"], username=o["username"], password=o["password"], ca_file=o["ca_file"],
-                 client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"],
-                 max_packet_size=o["max_packet_size"])
+    return Fleet(o["state"], o["broker"], db=o["db"], username=o["username"], password=o["password"],
+                 ca_file=o["ca_file"], client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"],
+                 max_packet_size=o["max_packet_size"], **kw)
 
 
 @contextmanager
 def _driving(ctx: click.Context) -> Iterator[Any]:
-    """A Fleet that does the work: started here, or the running ``fleet serve`` does it."""
+    """A Fleet whose work gets done: this process stands for leadership for as long as the
+    command runs, so it does the work when no other controller leads, watches the one that leads
+    otherwise, and takes over if that one dies meanwhile."""
     fleet = _fleet(ctx)
-    if fleet._lock_is_held_elsewhere():
-        click.echo(f"(a fleet process controls {fleet.state_dir}; watching it work)", err=True)
-        yield fleet
-        return
-    fleet.start()
+    if fleet.controller_elsewhere():
+        click.echo(f"(a fleet controller leads {fleet.storage.describe()}; watching it work)", err=True)
+        fleet.start(standby=True)
+    else:
+        try:
+            fleet.start()
+        except FleetError:  # another one took the lead a moment ago
+            fleet.start(standby=True)
     try:
         yield fleet
     finally:
@@ -47,6 +56,9 @@ def _driving(ctx: click.Context) -> Iterator[Any]:
 @click.group("fleet")
 @click.option("--state", type=click.Path(file_okay=False), envvar="EDGESDK_FLEET_STATE", default=None,
               help="Fleet state directory [env EDGESDK_FLEET_STATE; default ~/.local/share/edgesdk/fleet].")
+@click.option("--db", envvar="EDGESDK_FLEET_DB", default=None, metavar="URL",
+              help="Fleet database: postgresql://USER@HOST:PORT/DB, or a SQLite file [env EDGESDK_FLEET_DB; "
+                   "default STATE/fleet.sqlite].")
 @click.option("--broker", envvar="EDGESDK_FLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
               help="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGESDK_FLEET_BROKER].")
 @click.option("--username", envvar="EDGESDK_FLEET_USERNAME", default="", help="Broker username.")
@@ -67,19 +79,59 @@ def fleet_group(ctx: click.Context, **options: Any) -> None:
 
 # --- serve -------------------------------------------------------------------------------------
 @fleet_group.command("serve")
+@click.option("--lease", "lease_s", type=click.FloatRange(min=1.0), default=10.0, show_default=True,
+              help="Seconds of the controller lease (PostgreSQL): a standby takes over within this after the leader dies.")
+@click.option("--http", "http", default=None, metavar="HOST:PORT",
+              help="Also serve the REST API (/api/v1), the dashboard (/) and /metrics here (port 0: a free one).")
+@click.option("--api-token-file", type=click.Path(dir_okay=False), envvar="EDGESDK_FLEET_API_TOKEN_FILE", default=None,
+              help="File holding the bearer token the HTTP API requires (needed unless HOST is a loopback address).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="Serve HTTPS: certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Serve HTTPS: its private key (PEM).")
+@click.option("--max-bundle-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="Largest bundle the HTTP API accepts.")
+@click.option("--max-input-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="Largest job input file the HTTP API accepts.")
 @click.pass_context
-def serve_command(ctx: click.Context) -> None:
-    """Run the fleet controller in the foreground until SIGTERM/SIGINT."""
+def serve_command(ctx: click.Context, lease_s: float, http: Optional[str], api_token_file: Optional[str],
+                  tls_cert: Optional[str], tls_key: Optional[str], max_bundle_mb: float, max_input_mb: float) -> None:
+    """Run a fleet controller in the foreground until SIGTERM/SIGINT.
+
+    Several may run on one database: one leads, the others stand by and take over when it dies
+    (with PostgreSQL, within the lease period). With --http, the same process serves the REST
+    API, the live dashboard and Prometheus metrics (see the README's "HTTP API")."""
+    server, token = None, None
+    if http:
+        from .http import ApiServer, parse_listen, read_token
+
+        token = read_token(api_token_file) if api_token_file else None
+        server = ApiServer(*parse_listen(http), token_required=token is not None, tls_cert=tls_cert, tls_key=tls_key)
+    elif api_token_file or tls_cert or tls_key:
+        raise click.UsageError("--api-token-file, --tls-cert and --tls-key go with --http HOST:PORT")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    fleet = _fleet(ctx).start()
-    click.echo(f"fleet controller running on {fleet.settings.host}:{fleet.settings.port}, state {fleet.state_dir}", err=True)
+    fleet = None
     try:
+        fleet = _fleet(ctx, lease_s=lease_s).start(standby=True)
+        where = f"broker {fleet.settings.host}:{fleet.settings.port}, state {fleet.storage.describe()}"
+        click.echo(f"fleet controller started ({where}); it leads when no other controller does", err=True)
+        if server is not None:
+            from .http import MIB, UploadLimits, create_app
+
+            limits = UploadLimits(int(max_bundle_mb * MIB), int(max_input_mb * MIB))
+            server.start(create_app(fleet, token=token, limits=limits))
+            click.echo(f"HTTP API on {server.url}/api/v1, dashboard at {server.url}/, metrics at {server.url}/metrics"
+                       + ("" if token else " (no token: loopback only)"), err=True)
+        leading = False
         while not stop.wait(0.5):
-            pass
+            if fleet.leading != leading:
+                leading = fleet.leading
+                click.echo("fleet controller: leading" if leading else "fleet controller: standing by", err=True)
     finally:
-        fleet.stop()
+        if server is not None:
+            server.stop()
+        if fleet is not None:
+            fleet.stop()
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -334,9 +386,13 @@ def run_command(ctx: click.Context, model: str, data: str, output: str, fmt: str
 @fleet_group.command("job")
 @click.argument("words", nargs=-1, required=True, metavar="ID | resume ID")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write a finished job's results to this file (.npz, or JSON lines with --format jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default="npz", show_default=True)
 @click.pass_context
-def job_command(ctx: click.Context, words: tuple[str, ...], as_json: bool) -> None:
-    """Show a job's progress (`job ID`) or resume it after a fleet process died (`job resume ID`)."""
+def job_command(ctx: click.Context, words: tuple[str, ...], as_json: bool, output: Optional[str], fmt: str) -> None:
+    """Show a job's progress (`job ID`) or resume it after a fleet process died (`job resume ID`);
+    with --output, write its results (from any machine that reaches the fleet's database)."""
     from sdk.cli import echo_json
 
     if words[0] == "resume":
@@ -347,7 +403,15 @@ def job_command(ctx: click.Context, words: tuple[str, ...], as_json: bool) -> No
         return
     if len(words) != 1:
         raise click.UsageError("usage: edgesdk fleet job ID  |  edgesdk fleet job resume ID")
-    s = _fleet(ctx).job(words[0])
+    fleet = _fleet(ctx)
+    s = fleet.job(words[0])
+    if output:
+        if s.state != "SUCCEEDED":
+            from sdk.errors import JobError
+
+            raise JobError(f"job {s.id} is {s.state}: its results can be written once it SUCCEEDED")
+        fleet.write_outputs(s.id, output, fmt)
+        s.output = str(output)
     if as_json:
         echo_json(s.to_dict())
     else:
@@ -391,7 +455,7 @@ def simulate_command(ctx: click.Context, count: int, models: tuple[str, ...], ta
 
     o = ctx.obj["fleet_options"]
     settings = MqttSettings.from_url(o["broker"], username=o["username"], password=o["password"], ca_file=o["ca_file"],
-                                     client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"])
+                                     client_cert=o["client_cert"], client_key=o["client_key"], protocol=o["protocol"], extra="fleet")
     model_map = parse_tags(list(models))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -534,25 +598,3 @@ def credentials_show_command(ctx: click.Context, directory: Optional[str], as_js
     click.echo(f"{'IDENTITY':<24} {'KIND':<7} {'SERIAL':<41} {'EXPIRES':<26} REVOKED")
     for c in certs:
         click.echo(f"{c.identity:<24} {c.kind:<7} {c.serial:<41x} {c.not_after:<26} {c.revoked_at or '-'}")
-
-
-# --- demo ------------------------------------------------------------------------------------------
-@click.command("demo")
-@click.option("--devices", type=int, default=3, show_default=True, help="Agents to start (separate processes).")
-@click.option("--broker", default=None, help="Use this broker (mqtt://...) instead of an embedded one.")
-@click.option("--keep", is_flag=True, help="Leave the broker and agents running and print how to talk to them.")
-@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
-              help="Write report.md with PNG charts (conversion per recipe, job throughput per device).")
-@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep the model, bundles, keys, agent state and logs here (default: a new temporary directory).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs for the digits CNN.")
-def demo_command(devices: int, broker: Optional[str], keep: bool, report_dir: Optional[str], work_dir: Optional[str],
-                 epochs: int) -> None:
-    """The whole product in a few minutes: train, convert, sign, serve on N agents, roll out a
-    version 2 with a canary, and run the digits test set across the fleet."""
-    from .demo import run_demo
-
-    result = run_demo(devices=devices, broker=broker, keep=keep, report_dir=Path(report_dir) if report_dir else None,
-                      work_dir=Path(work_dir) if work_dir else None, epochs=epochs, echo=lambda s: click.echo(s))
-    click.echo(f"demo finished: accuracy {100 * result.accuracy:.2f}% across {len(result.job.devices)} agents; "
-               f"files in {result.work_dir}")

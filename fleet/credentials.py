@@ -85,7 +85,7 @@ _SKEW = datetime.timedelta(minutes=5)  # not_valid_before in the past: clocks on
 
 def default_credentials_dir(state_dir: Optional[PathLike] = None) -> Path:
     """``<state_dir>/credentials``; the fleet's default state directory when none is given."""
-    from .state import default_state_dir
+    from .storage import default_state_dir
 
     base = Path(os.path.expanduser(str(state_dir))) if state_dir else default_state_dir()
     return base / "credentials"

@@ -27,7 +27,7 @@ from sdk import delta as delta_mod
 from sdk import protocol as proto
 
 from .bundlestore import BundleStore
-from .state import FleetDB
+from .storage import FleetDB
 
 log = logging.getLogger("edgesdk.fleet.deltas")
 
@@ -41,7 +41,8 @@ def record_held(db: FleetDB, device: str, bundles: list[str], now: float, *, rep
     """Record that ``device`` holds ``bundles``; ``replace``: these are all it holds (a status)."""
     if replace:
         db.execute("DELETE FROM device_bundles WHERE device = ?", (device,))
-    db.executemany("INSERT OR REPLACE INTO device_bundles (device, sha256, at) VALUES (?, ?, ?)",
+    db.executemany("INSERT INTO device_bundles (device, sha256, at) VALUES (?, ?, ?) "
+                   "ON CONFLICT (device, sha256) DO UPDATE SET at = excluded.at",
                    [(device, sha, now) for sha in bundles])
 
 
@@ -75,7 +76,7 @@ class DeltaPlanner:
         if row is not None:
             return dict(row)
         try:
-            old, new = self.store.read(base), self.store.read(target)
+            old, new = self.store.read(base, db), self.store.read(target, db)
         except OSError:
             return None
         try:
@@ -86,9 +87,10 @@ class DeltaPlanner:
         sha = hashlib.sha256(blob).hexdigest()
         size = len(blob) if blob else len(new)
         if blob and len(blob) < len(new):
-            self.store.put_delta(sha, blob)
-        db.execute("INSERT OR IGNORE INTO deltas (base, target, method, sha256, size, full_size, made) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (base, target, method, sha, size, len(new), now))
+            self.store.put_delta(sha, blob, db)
+        db.execute("INSERT INTO deltas (base, target, method, sha256, size, full_size, made) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (base, target, method) DO NOTHING",
+                   (base, target, method, sha, size, len(new), now))
         log.info("%s delta %.12s -> %.12s: %d bytes (the bundle: %d)", method, base, target, size, len(new))
         if not blob:
             return None
@@ -133,5 +135,6 @@ class DeltaPlanner:
     @staticmethod
     def record_fallback(db: FleetDB, device: str, target: str, reason: str, now: float) -> None:
         """``device`` could not use a delta of ``target``: it gets ``target`` whole from now on."""
-        db.execute("INSERT OR REPLACE INTO delta_fallbacks (device, target, reason, at) VALUES (?, ?, ?, ?)",
+        db.execute("INSERT INTO delta_fallbacks (device, target, reason, at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (device, target) DO UPDATE SET reason = excluded.reason, at = excluded.at",
                    (device, target, reason[:500], now))

@@ -36,7 +36,7 @@ result exactly once, write the results in input order.
   task (re-queued, FAILED after ``max_attempts``), otherwise the lease stays as it is.
 * A job the fleet cannot process (an unreadable row, its input files gone) ends FAILED with
   the reason, and every other job goes on: each job's work runs isolated
-  (:data:`fleet.state.Isolate`).
+  (:data:`fleet.storage.Isolate`).
 * A fleet process killed mid-job resumes from the database without redoing finished tasks.
 
 The summary reports samples/s, each device's share and throughput (samples per second of its
@@ -52,7 +52,7 @@ import json
 import logging
 import math
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
@@ -64,14 +64,16 @@ from sdk.encoding import encode_job_inputs
 from sdk.errors import JobError, NotFoundError
 
 from .registry import Registry, matches
-from .state import FleetDB, Isolate, dumps, loads
+from .storage import Blobs, FleetDB, Isolate, dumps, loads
 
 log = logging.getLogger("edgesdk.fleet.jobs")
 
 __all__ = ["JobOptions", "JobSummary", "JobController", "OutputSpec", "create_job", "summary", "collect_outputs",
-           "write_results", "manifest_output_specs"]
+           "write_results", "manifest_output_specs", "output_names"]
 
 FORMATS = ("npz", "jsonl")
+#: tasks one dispatch round sends a job at most (the devices it looks at are bounded by it too)
+ROUND_TASKS = 1024
 _HEADER_ALLOWANCE = 1024  # a task frame's JSON header and MQTT overhead
 _PIECE_HEADER = 200  # a task piece's frame header without its task id (index, count and total at their widest)
 
@@ -128,8 +130,8 @@ class JobSummary:
         return d
 
 
-def create_job(db: FleetDB, model: str, inputs: Sequence[np.ndarray], options: JobOptions, *, now: float,
-               output: Optional[str] = None, fmt: str = "npz", max_packet: int = 256 * 1024,
+def create_job(db: FleetDB, blobs: Blobs, model: str, inputs: Sequence[np.ndarray], options: JobOptions, *,
+               now: float, output: Optional[str] = None, fmt: str = "npz", max_packet: int = 256 * 1024,
                manifest: Optional[Mapping[str, Any]] = None) -> str:
     """Store the inputs and the task rows of a new job (state RUNNING).
 
@@ -156,10 +158,8 @@ def create_job(db: FleetDB, model: str, inputs: Sequence[np.ndarray], options: J
                  options.batch_size, max_packet, "; each travels in pieces" if per_sample + _HEADER_ALLOWANCE > max_packet
                  else "")
     job_id = uuid.uuid4().hex[:12]
-    folder = db.dir / "jobs" / job_id
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, a in enumerate(arrays):
-        np.save(folder / f"x{i}.npy", a)
+    for i, a in enumerate(arrays):  # before the job's row: a controller that sees the job finds its inputs
+        blobs.put_array("input", f"{job_id}.{i}", a, db)
     bounds = [(s, min(n, s + batch)) for s in range(0, n, batch)]
     stored = {**asdict(options), "inputs": len(arrays), "requested_batch_size": options.batch_size, "batch_size": batch,
               "quant": quant if any(q is not None for q in quant) else [], "encodings": encodings,
@@ -258,6 +258,18 @@ def collect_outputs(db: FleetDB, job_id: str) -> list[np.ndarray]:
         return [np.concatenate(p, axis=0) for p in parts or []]
     except ValueError as exc:
         raise JobError(f"job {job_id}: its stored results do not fit together ({exc}): run it again") from exc
+
+
+def output_names(db: FleetDB, job_id: str) -> Optional[list[str]]:
+    """The signature names of a job's outputs, from the manifest of the version its first result
+    came from (None when the fleet holds no such bundle)."""
+    row = db.one("SELECT j.model, t.version FROM tasks t JOIN jobs j ON j.id = t.job "
+                 "WHERE t.job = ? AND t.state = 'DONE' ORDER BY t.idx LIMIT 1", (job_id,))
+    if row is None or not row["version"]:
+        return None
+    found = db.one("SELECT manifest FROM bundles WHERE model = ? AND version = ? ORDER BY added DESC LIMIT 1",
+                   (row["model"], row["version"]))
+    return None if found is None else [str(o.get("key") or o.get("name")) for o in loads(found["manifest"])["outputs"]]
 
 
 def _stored_outputs(job_id: str, idx: int, text: Optional[str]) -> list[np.ndarray]:
@@ -392,16 +404,6 @@ class _Slots:
         return self.capacity + self.prefetch
 
 
-@dataclass
-class _Round:
-    """What one dispatch round shares between jobs: device presence and tasks outstanding."""
-
-    devices: dict[str, tuple[bool, dict[str, str]]]
-    outstanding: dict[str, int]
-    now: float
-    sent: int = 0
-
-
 class JobController:
     """Dispatches, re-dispatches and collects tasks; called by the fleet's engine thread.
 
@@ -412,15 +414,19 @@ class JobController:
 
     def __init__(self, db: FleetDB, registry: Registry, send_task: Callable[[str, str, bytes], None],
                  clock: Callable[[], float], *, isolate: Isolate, stats: MutableMapping[str, int],
-                 max_packet: Callable[[], int] = lambda: 256 * 1024) -> None:
+                 max_packet: Callable[[], int] = lambda: 256 * 1024, blobs: Blobs) -> None:
         self.max_packet = max_packet  # the broker's packet limit as the fleet's connection knows it now
         self.db = db
+        self.blobs = blobs  # the jobs' inputs
         self.registry = registry
         self.send_task = send_task
         self.clock = clock
         self.isolate = isolate
         self.stats = stats
         self.slots: dict[str, _Slots] = {}
+        #: model -> devices that announced free slots for it (insertion-ordered: the longest
+        #: waiting first); a dispatch round looks at these only, never at the whole fleet
+        self.ready: dict[str, dict[str, None]] = defaultdict(dict)
         self._inputs: dict[str, list[np.ndarray]] = {}
         self._version_specs: dict[tuple[str, str], list[OutputSpec]] = {}
 
@@ -436,10 +442,20 @@ class JobController:
 
     # --- events -----------------------------------------------------------------------------------
     def on_work_request(self, msg: proto.WorkRequest) -> None:
-        self.slots[msg.device] = _Slots(msg.capacity, msg.free, dict(msg.models), msg.prefetch)
+        self._unready(msg.device)
+        self.slots[msg.device] = slot = _Slots(msg.capacity, msg.free, dict(msg.models), msg.prefetch)
+        if slot.free > 0:
+            for model in slot.models:
+                self.ready[model][msg.device] = None
+
+    def _unready(self, device: str) -> None:
+        """``device`` gets no task until it announces free slots again."""
+        slot = self.slots.pop(device, None)
+        for model in slot.models if slot else ():
+            self.ready[model].pop(device, None)
 
     def on_device_offline(self, device: str) -> None:
-        self.slots.pop(device, None)
+        self._unready(device)
         self.db.execute("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL, "
                         "error = 'device ' || ? || ' went offline' WHERE device = ? AND state = 'LEASED'",
                         (device, device))
@@ -511,85 +527,96 @@ class JobController:
             self._version_specs[key] = manifest_output_specs(loads(row["manifest"]))
         return self._version_specs[key]
 
-    def _output_names(self, job_id: str) -> Optional[list[str]]:
-        """The signature names of the job's outputs, from the manifest of the version its first
-        result came from (None when the fleet holds no such bundle)."""
-        row = self.db.one("SELECT j.model, t.version FROM tasks t JOIN jobs j ON j.id = t.job "
-                          "WHERE t.job = ? AND t.state = 'DONE' ORDER BY t.idx LIMIT 1", (job_id,))
-        if row is None or not row["version"]:
-            return None
-        found = self.db.one("SELECT manifest FROM bundles WHERE model = ? AND version = ? ORDER BY added DESC LIMIT 1",
-                            (row["model"], row["version"]))
-        return None if found is None else [str(o.get("key") or o.get("name")) for o in loads(found["manifest"])["outputs"]]
-
     # --- the periodic step --------------------------------------------------------------------------
     def tick(self) -> None:
         """Expire leases, dispatch, and finish complete jobs: each job's part isolated."""
         now = self.clock()
         for job in self.db.all("SELECT id, options FROM jobs WHERE state = 'RUNNING'"):
-            self._isolated(job["id"], lambda j=job: self._expire_leases(j, now))
+            self._isolated(job["id"], lambda j=job: (self._options(j), self._expire_leases(j, now)))
         self.dispatch()
         for job in self.db.all("SELECT id, output, format FROM jobs WHERE state = 'RUNNING'"):
             self._isolated(job["id"], lambda j=job: self._complete(j))
+
+    def _options(self, job: Any) -> dict[str, Any]:
+        """A job's options as stored (read at every tick, so a job whose row cannot be read
+        fails at once, with the reason, whether or not a device could run it)."""
+        opts = loads(job["options"])
+        if not isinstance(opts, dict) or "lease_s" not in opts:
+            raise JobError(f"its options are not a job's: {str(job['options'])[:80]}")
+        return opts
 
     def _expire_leases(self, job: Any, now: float) -> None:
         expired = self.db.all("SELECT id, device, dispatches FROM tasks WHERE job = ? AND state = 'LEASED' "
                               "AND lease_until < ?", (job["id"], now))
         if not expired:
             return
-        limit = int(loads(job["options"]).get("max_attempts", 5))
+        limit = int(self._options(job).get("max_attempts", 5))
         for r in expired:
-            self.slots.pop(r["device"], None)  # a device that let a lease lapse gets work again once it asks
+            self._unready(r["device"])  # a device that let a lease lapse gets work again once it asks
             state = "FAILED" if r["dispatches"] >= limit else "PENDING"
             self.db.execute("UPDATE tasks SET state = ?, device = NULL, lease_until = NULL, "
                             "error = 'lease expired on ' || ? WHERE id = ?", (state, r["device"] or "?", r["id"]))
 
     def dispatch(self) -> int:
-        """Send pending tasks to devices with free slots; return how many were sent."""
-        jobs = self.db.all("SELECT id, model, options FROM jobs WHERE state = 'RUNNING' ORDER BY created")
-        if not jobs or not self.slots:
+        """Send pending tasks to devices with free slots; return how many were sent. A round
+        looks only at devices that announced free slots, and at no more of them than it fills,
+        so its cost follows the tasks it sends, not the size of the fleet."""
+        if not any(self.ready.values()):
             return 0
-        devices = {}
-        for r in self.db.all("SELECT id, online, tags FROM devices"):
-            try:
-                devices[r["id"]] = (bool(r["online"]), loads(r["tags"]))
-            except ValueError:
-                log.warning("device %s has unreadable tags in the database: no tasks for it", r["id"])
-        outstanding = {r["device"]: r["n"] for r in self.db.all(
-            "SELECT device, COUNT(*) AS n FROM tasks WHERE state = 'LEASED' GROUP BY device")}
-        round_ = _Round(devices, outstanding, self.clock())
-        for job in jobs:
-            self._isolated(job["id"], lambda j=job: self._dispatch_job(j, round_))
-        return round_.sent
+        sent = 0
+        for job in self.db.all("SELECT id, model, options FROM jobs WHERE state = 'RUNNING' ORDER BY created"):
+            if self.ready.get(job["model"]):
+                count = [0]
+                self._isolated(job["id"], lambda j=job: count.__setitem__(0, self._dispatch_job(j)))
+                sent += count[0]
+        return sent
 
-    def _dispatch_job(self, job: Any, round_: _Round) -> None:
-        opts = loads(job["options"])
-        budgets = {}
-        for dev, slot in self.slots.items():
-            online, tags = round_.devices.get(dev, (False, {}))
-            if online and slot.free > 0 and job["model"] in slot.models and matches(tags, opts.get("selector") or {}):
-                budget = slot.limit - round_.outstanding.get(dev, 0)
-                if budget > 0:
-                    budgets[dev] = budget
+    def _budgets(self, model: str, selector: Mapping[str, str]) -> dict[str, int]:
+        """Ready devices for ``model`` matching ``selector``, each with how many more tasks it may
+        hold (``capacity + prefetch`` less its leases), until :data:`ROUND_TASKS` are found."""
+        budgets: dict[str, int] = {}
+        total = 0
+        ready = self.ready[model]
+        for dev in list(ready):
+            online, tags = self.registry.presence(dev)
+            if not online:
+                self._unready(dev)
+                continue
+            if not matches(tags, selector):
+                continue
+            leased = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE device = ? AND state = 'LEASED'", (dev,))
+            budget = self.slots[dev].limit - int(leased or 0)
+            if budget <= 0:
+                ready.pop(dev, None)
+                continue
+            budgets[dev] = budget
+            total += budget
+            if total >= ROUND_TASKS:
+                break
+        return budgets
+
+    def _dispatch_job(self, job: Any) -> int:
+        opts = self._options(job)
+        budgets = self._budgets(job["model"], opts.get("selector") or {})
         if not budgets:
-            return
+            return 0
         pending = self.db.all("SELECT id, idx, start, stop, dispatches FROM tasks WHERE job = ? AND state = 'PENDING' "
                               "ORDER BY idx LIMIT ?", (job["id"], sum(budgets.values())))
         if not pending:
-            return
-        now = round_.now
+            return 0
+        now = self.clock()
         if self.db.scalar("SELECT started FROM jobs WHERE id = ?", (job["id"],)) is None:
             self.db.execute("UPDATE jobs SET started = ? WHERE id = ?", (now, job["id"]))
         inputs = self._job_inputs(job["id"], int(opts.get("inputs", 1)))
         lease_s = float(opts["lease_s"])
-        queue = list(pending)
-        sent: dict[str, int] = defaultdict(int)
+        queue = deque(pending)
+        sent = 0
         round_bytes = 0
-        while queue and budgets:  # one task per device per round: spread evenly, then fill
+        while queue and budgets:  # one task per device per pass: spread evenly, then fill
             for dev in list(budgets):
                 if not queue:
                     break
-                t = queue.pop(0)
+                t = queue.popleft()
                 task = proto.Task(t["id"], job["id"], job["model"], lease_s, [x[t["start"] : t["stop"]] for x in inputs],
                                   attempt=t["dispatches"] + 1, quant=list(opts.get("quant") or []))
                 self.db.execute("UPDATE tasks SET state = 'LEASED', device = ?, lease_until = ?, version = ?, "
@@ -598,15 +625,14 @@ class JobController:
                 for frame in self._frames(dev, task):
                     self.send_task(dev, t["id"], frame)
                     round_bytes += len(frame)
-                sent[dev] += 1
+                sent += 1
                 budgets[dev] -= 1
                 if budgets[dev] <= 0:
                     del budgets[dev]
-        for dev, n in sent.items():  # counted only now: a job whose step failed sent nothing
-            round_.outstanding[dev] = round_.outstanding.get(dev, 0) + n
-            round_.sent += n
+                    self.ready[job["model"]].pop(dev, None)  # full: back when it announces free slots
         if round_bytes:
             self.db.execute("UPDATE jobs SET bytes_sent = bytes_sent + ? WHERE id = ?", (round_bytes, job["id"]))
+        return sent
 
     def _frames(self, device: str, task: proto.Task) -> list[bytes]:
         """What to publish for ``task``: its frame, or its pieces when the frame (with the topic
@@ -639,25 +665,18 @@ class JobController:
                             (reason, now, job["id"]))
             return
         finished = self.db.scalar("SELECT MAX(done_at) FROM tasks WHERE job = ?", (job["id"],)) or now
-        if job["output"]:
-            try:
-                write_results(collect_outputs(self.db, job["id"]), Path(job["output"]), job["format"],
-                              self._output_names(job["id"]))
-            except JobError as exc:
-                self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
-                                (str(exc), finished, job["id"]))
-                return
-            except OSError as exc:
-                self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
-                                (f"cannot write results to {job['output']}: {exc}", finished, job["id"]))
-                return
+        try:  # results are checked as they arrive; this catches rows changed behind the fleet's back
+            collect_outputs(self.db, job["id"])
+        except JobError as exc:
+            self.db.execute("UPDATE jobs SET state = 'FAILED', reason = ?, finished = ? WHERE id = ?",
+                            (str(exc), finished, job["id"]))
+            return
         self.db.execute("UPDATE jobs SET state = 'SUCCEEDED', finished = ? WHERE id = ?", (finished, job["id"]))
         self._inputs.pop(job["id"], None)
 
     def _job_inputs(self, job_id: str, count: int) -> list[np.ndarray]:
         arrays = self._inputs.get(job_id)
         if arrays is None:
-            folder = self.db.dir / "jobs" / job_id
-            arrays = [np.load(folder / f"x{i}.npy", mmap_mode="r") for i in range(count)]
+            arrays = [self.blobs.array("input", f"{job_id}.{i}", self.db) for i in range(count)]
             self._inputs[job_id] = arrays
         return arrays

@@ -13,6 +13,7 @@ or arrives on a channel that does not carry its kind.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -20,9 +21,12 @@ from sdk import protocol as proto
 from sdk.errors import ConfigError, ProtocolError
 
 from .deltas import held_bundles, record_held
-from .state import FleetDB, dumps, loads
+from .storage import FleetDB, dumps, loads
 
-__all__ = ["DeviceInfo", "Registry", "parse_tags", "matches", "read_device_message", "SpoofedMessage"]
+__all__ = ["DeviceInfo", "Registry", "parse_tags", "matches", "read_device_message", "SpoofedMessage",
+           "read_retained_statuses"]
+
+log = logging.getLogger("edgesdk.fleet.registry")
 
 #: the channel each kind of device message travels on; every other kind comes on ``up``
 _CHANNEL_OF: dict[type, str] = {proto.Status: "status", proto.Heartbeat: "heartbeat"}
@@ -93,13 +97,34 @@ def matches(tags: Mapping[str, str], selector: Mapping[str, str]) -> bool:
 
 
 class Registry:
-    def __init__(self, db: FleetDB) -> None:
+    """The devices table. With ``cache`` (the engine's registry), it also keeps every device's
+    presence and tags in memory (:meth:`presence`), read once and then kept current by the
+    statuses it stores, so the dispatcher never reads the whole table."""
+
+    def __init__(self, db: FleetDB, *, cache: bool = False) -> None:
         self.db = db
+        self._presence: Optional[dict[str, tuple[bool, dict[str, str]]]] = None
+        if cache:
+            self._presence = {}
+            for r in db.all("SELECT id, online, tags FROM devices"):
+                try:
+                    self._presence[r["id"]] = (bool(r["online"]), loads(r["tags"]))
+                except ValueError:  # a row changed behind the fleet's back: no work for it until its next status
+                    log.warning("device %s has unreadable tags in the database", r["id"])
+
+    def presence(self, device: str) -> tuple[bool, dict[str, str]]:
+        """``(online, tags)`` of ``device`` ((False, {}) when unknown)."""
+        if self._presence is not None:
+            return self._presence.get(device, (False, {}))
+        row = self.db.one("SELECT online, tags FROM devices WHERE id = ?", (device,))
+        return (bool(row["online"]), loads(row["tags"])) if row else (False, {})
 
     def on_status(self, status: proto.Status, now: float) -> bool:
         """Store a status; return True when the device came online (it was offline or unknown)."""
         row = self.db.one("SELECT online FROM devices WHERE id = ?", (status.device,))
         was_online = bool(row and row["online"])
+        if self._presence is not None:
+            self._presence[status.device] = (status.online, dict(status.tags))
         changed = row is None or was_online != status.online
         since = now if changed else None
         self.db.execute(
@@ -118,6 +143,8 @@ class Registry:
             record_held(self.db, msg.device, [msg.bundle_sha256], now, replace=False)
 
     def on_heartbeat(self, hb: proto.Heartbeat, now: float) -> None:
+        if self._presence is not None and hb.device not in self._presence:
+            self._presence[hb.device] = (True, {})  # as the row it makes: online, tags unknown until its status
         self.db.execute(
             "INSERT INTO devices (id, online, since, last_seen, heartbeat, heartbeat_at) VALUES (?, 1, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, heartbeat = excluded.heartbeat, "
@@ -151,3 +178,38 @@ def _info(row: Any, bundles: list[str]) -> DeviceInfo:
         accepting_work=status.get("accepting_work", True), heartbeat=hb.get("models", {}),
         heartbeat_at=row["heartbeat_at"], bundles=bundles,
     )
+
+
+def read_retained_statuses(settings: Any, seconds: float) -> list[proto.Status]:
+    """Connect for ``seconds`` and collect the retained presence of every device (what ``edgesdk
+    fleet devices`` reads when no controller keeps the registry current). Statuses that do not
+    decode, or speak for another device than their topic's, are left out."""
+    import dataclasses
+    import logging
+    import queue
+    import time
+
+    from sdk.errors import BrokerError
+    from sdk.mqtt import MqttConnection
+
+    received: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
+    probe = dataclasses.replace(settings, client_id="", persistent_session=False)
+    conn = MqttConnection(probe, lambda t, p: received.put((t, p)), [(proto.subscription("status"), 1)])
+    statuses = []
+    try:
+        conn.start()
+        if not conn.wait_connected(10):
+            raise BrokerError(f"cannot connect to the MQTT broker at {probe.host}:{probe.port}")
+        time.sleep(seconds)
+    finally:
+        conn.stop()
+    while not received.empty():
+        topic, payload = received.get()
+        try:
+            _, msg = read_device_message(topic, payload)
+        except ProtocolError as exc:  # malformed, or speaking for another device than its topic's
+            logging.getLogger("edgesdk.fleet").warning("ignored a status on %s: %s", topic, exc)
+            continue
+        if isinstance(msg, proto.Status):
+            statuses.append(msg)
+    return statuses

@@ -25,7 +25,7 @@ back every device that took the version. Both are requests written to the databa
 process may make them and the controller acts on them.
 
 Everything is in the fleet database: :class:`RolloutController` keeps no state of its own.
-Each rollout's step runs isolated (see :data:`fleet.state.Isolate`).
+Each rollout's step runs isolated (see :data:`fleet.storage.Isolate`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from sdk.errors import NotFoundError, RolloutError
 
 from .deltas import DeltaPlanner
 from .registry import Registry
-from .state import FleetDB, Isolate, dumps, loads
+from .storage import FleetDB, Isolate, dumps, loads
 
 log = logging.getLogger("edgesdk.fleet.rollout")
 
@@ -335,25 +335,24 @@ class RolloutController:
             self._finish(rid, "SUCCEEDED", f"{ok} of {total} devices succeeded")
 
     def _start_devices(self, rid: str, opts: RolloutOptions, now: float) -> None:
-        rows = self.db.all("SELECT device, stage, state FROM rollout_devices WHERE rollout = ? ORDER BY position", (rid,))
-        online = self.registry.online_ids()  # one query, not one per device (1,000-device rollouts)
-        open_stage = None
-        for x in rows:  # the first stage with a device still to finish (offline queued devices do not count)
-            if x["state"] == "IN_PROGRESS" or (x["state"] == "QUEUED" and x["device"] in online):
-                open_stage = x["stage"]
-                break
+        """Start the queued online devices of the open stage: the first stage with a device
+        still to finish (an offline queued device does not hold its stage open). In SQL, so a
+        tick costs the same for 10 devices as for 10,000."""
+        open_stage = self.db.scalar(
+            "SELECT MIN(rd.stage) FROM rollout_devices rd LEFT JOIN devices d ON d.id = rd.device WHERE rd.rollout = ? "
+            "AND (rd.state = 'IN_PROGRESS' OR (rd.state = 'QUEUED' AND d.online = 1))", (rid,))
         if open_stage is None:
-            open_stage = max((x["stage"] for x in rows), default=0)
+            return  # nothing in progress, nothing queued online
         started_last_minute = self.db.scalar("SELECT COUNT(*) FROM rollout_devices WHERE rollout = ? AND started > ?",
                                              (rid, now - 60.0))
         budget = opts.max_per_minute - started_last_minute
-        for x in rows:
-            if budget <= 0:
-                break
-            if x["state"] == "QUEUED" and x["stage"] <= open_stage and x["device"] in online:
-                self._set((rid, x["device"]), state="IN_PROGRESS", started=now, updated=now, reason="install sent")
-                self._send_install(rid, x["device"])
-                budget -= 1
+        if budget <= 0:
+            return
+        for x in self.db.all("SELECT rd.device FROM rollout_devices rd JOIN devices d ON d.id = rd.device "
+                             "WHERE rd.rollout = ? AND rd.state = 'QUEUED' AND rd.stage <= ? AND d.online = 1 "
+                             "ORDER BY rd.position LIMIT ?", (rid, open_stage, budget)):
+            self._set((rid, x["device"]), state="IN_PROGRESS", started=now, updated=now, reason="install sent")
+            self._send_install(rid, x["device"])
 
     def _drive_rollbacks(self, rid: str, r: Any, opts: RolloutOptions, now: float) -> None:
         for x in self.db.all("SELECT device FROM rollout_devices WHERE rollout = ? AND installed = 1 AND rollback IS NULL",

@@ -99,7 +99,7 @@ class SimulatedDevices:
         max_task_bytes: int = 64 << 20,
         prefetch: int = 0,
     ) -> None:
-        self.settings = settings or MqttSettings.from_url(broker)
+        self.settings = settings or MqttSettings.from_url(broker, extra="fleet")
         self.capacity, self.infer_s, self.install_s = capacity, infer_s, install_s
         #: tasks each device holds queued beyond the ``capacity`` it runs, announced as the agent does
         self.prefetch = prefetch

@@ -53,6 +53,9 @@ GOLDEN_NAME = "golden.npz"
 # Fixed timestamp inside the zip so the same inputs give the same bytes.
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 _REQUIRED = ("schema", "name", "version", "created_at", "target", "model_file", "inputs", "outputs", "files")
+# manifest.json and signature.json are read before anything is verified: a bundle may not make us
+# inflate more than this for them (real manifests are a few KB).
+MAX_METADATA_BYTES = 1024 * 1024
 
 __all__ = [
     "BUNDLE_SCHEMA",
@@ -188,13 +191,13 @@ class Bundle:
             ) from exc
         if MANIFEST_NAME not in names:
             raise BundleInvalidError(f"{source} has no manifest.json: it is not an edgesdk bundle")
-        self._raw_manifest = self._member(MANIFEST_NAME)
+        self._raw_manifest = self._member(MANIFEST_NAME, MAX_METADATA_BYTES)
         self.manifest = Manifest.from_bytes(self._raw_manifest)
         self._names = names
         self.signature: Optional[dict[str, Any]] = None
         if SIGNATURE_NAME in names:
             try:
-                self.signature = json.loads(self._member(SIGNATURE_NAME))
+                self.signature = json.loads(self._member(SIGNATURE_NAME, MAX_METADATA_BYTES))
             except json.JSONDecodeError as exc:
                 raise BundleInvalidError(f"{source}: signature.json is not valid JSON") from exc
 
@@ -210,20 +213,37 @@ class Bundle:
         return cls(raw, source=str(p))
 
     # --- reading ---------------------------------------------------------------------------
-    def _member(self, name: str) -> bytes:
+    def _member(self, name: str, limit: int) -> bytes:
+        """Decompress one member, refusing it before inflating anything when its zip header
+        declares more than ``limit`` bytes, and reading at most ``limit + 1`` bytes in case the
+        header lies (a zip bomb must not make us allocate what it declares)."""
         try:
-            return self._zip.read(name)
-        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, EOFError) as exc:
+            info = self._zip.getinfo(name)
+            if info.file_size > limit:
+                raise BundleInvalidError(
+                    f"{self.source}: {name} declares {info.file_size} bytes, more than the {limit} allowed: "
+                    "the bundle is corrupt or hostile; re-create it with edgesdk convert")
+            with self._zip.open(info) as member:
+                blob = member.read(limit + 1)
+        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise BundleInvalidError(
                 f"{self.source}: {name} cannot be read ({exc}): the bundle is corrupt, re-download it"
             ) from exc
+        if len(blob) > limit:
+            raise BundleInvalidError(
+                f"{self.source}: {name} inflates to more than the {limit} bytes allowed: "
+                "the bundle is corrupt or hostile; re-create it with edgesdk convert")
+        return blob
 
     def read(self, name: str) -> bytes:
         """Return a file listed in the manifest, checked against its sha256."""
         entry = self.manifest.files.get(name)
         if entry is None:
             raise BundleInvalidError(f"{self.source}: {name} is not listed in the manifest")
-        blob = self._member(name)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0:
+            raise BundleInvalidError(f"{self.source}: the manifest records no valid size for {name}: the bundle is corrupt")
+        blob = self._member(name, size)
         if sha256_hex(blob) != entry["sha256"] or len(blob) != entry["size"]:
             raise BundleInvalidError(
                 f"{self.source}: {name} does not match the sha256 recorded in the manifest: "

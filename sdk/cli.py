@@ -1,26 +1,23 @@
-"""The ``edgesdk`` command line: a thin layer over the Python API.
+"""What every role's command line shares: the one error boundary, JSON output, and the commands
+of the shared foundation (``keys``, ``bundle``, ``runtime``).
 
-Every command has ``--help``; the ones whose output scripts read take ``--json``. Errors from
-edgesdk print one line (``error: ...``) and exit with the error kind's code (see
-:mod:`sdk.errors`); ``--debug`` (or ``EDGESDK_DEBUG=1``) shows the traceback instead.
-Commands of the converter, agent and fleet live in their packages and are attached here; heavy
-imports (TensorFlow, paho) happen only when a command runs.
+Errors from edgesdk print one line (``error: ...``) and exit with the error kind's code (see
+:mod:`sdk.errors`); ``--debug`` (or ``EDGESDK_DEBUG=1``) shows the traceback instead. The root
+``edgesdk`` group lives in :mod:`edgesdk.cli`, above every role: it attaches these groups and
+the converter's, agent's and fleet's commands (lazily). Nothing here imports a package above
+``sdk``; heavy imports happen only when a command runs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
 from typing import Any, Optional
 
 import click
 
-from . import __version__
 from .errors import EdgeSdkError
 
-__all__ = ["cli", "main", "echo_json", "CliError"]
+__all__ = ["CliError", "EdgeGroup", "echo_json", "keys_group", "bundle_group", "runtime_group"]
 
 
 class CliError(click.ClickException):
@@ -60,26 +57,13 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-@click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, envvar="EDGESDK_DEBUG", help="Show tracebacks instead of one-line errors.")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-@click.version_option(__version__, prog_name="edgesdk")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
-    """edgesdk: convert models for edge devices, serve them there, and run a fleet of them."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 # --- keys ------------------------------------------------------------------------------------
-@cli.group()
-def keys() -> None:
+@click.group("keys")
+def keys_group() -> None:
     """Ed25519 signing keys for bundles."""
 
 
-@keys.command("generate")
+@keys_group.command("generate")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace existing keys in DIRECTORY.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -97,12 +81,12 @@ def keys_generate(directory: str, force: bool, as_json: bool) -> None:
 
 
 # --- bundle ----------------------------------------------------------------------------------
-@cli.group()
-def bundle() -> None:
+@click.group("bundle")
+def bundle_group() -> None:
     """Inspect, verify and sign .edgebundle files."""
 
 
-@bundle.command("inspect")
+@bundle_group.command("inspect")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def bundle_inspect(path: str, as_json: bool) -> None:
@@ -135,7 +119,7 @@ def bundle_inspect(path: str, as_json: bool) -> None:
                    f"{acc.get('metric')} drop {acc.get('drop_pts', 0):.2f} pts")
 
 
-@bundle.command("verify")
+@bundle_group.command("verify")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--public-key", "public_keys", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Trusted public key (PEM); repeat for several.")
@@ -152,7 +136,7 @@ def bundle_verify(path: str, public_keys: tuple[str, ...], as_json: bool) -> Non
         click.echo(f"OK: {b.manifest.model_id} is intact and signed by trusted key {b.signer_id}")
 
 
-@bundle.command("sign")
+@bundle_group.command("sign")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key (PEM).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write (default: sign in place).")
@@ -167,12 +151,12 @@ def bundle_sign(path: str, key_path: str, output: Optional[str]) -> None:
 
 
 # --- runtime ---------------------------------------------------------------------------------
-@cli.group()
-def runtime() -> None:
+@click.group("runtime")
+def runtime_group() -> None:
     """The TFLite runtime and delegates on this machine."""
 
 
-@runtime.command("check")
+@runtime_group.command("check")
 @click.argument("model", type=click.Path(dir_okay=False, exists=True))
 @click.option("--delegate", type=click.Choice(["auto", "cpu", "gpu", "edgetpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice).")
@@ -199,23 +183,3 @@ def runtime_check(model: str, delegate: str, threads: Optional[int], gpu_delegat
     click.echo(f"runtime {rt['name']} {rt['version']} (TFLite ops of {rt['tflite_version']}); running on: {info['delegate']}")
     for f in info["fallbacks"]:
         click.echo(f"  fell back from {f}")
-
-
-def _attach_optional_commands() -> None:
-    from agent.cli import agent_group
-    from converter.cli import convert_command
-    from fleet.cli import demo_command, fleet_group
-
-    cli.add_command(convert_command, "convert")
-    cli.add_command(agent_group, "agent")
-    cli.add_command(fleet_group, "fleet")
-    cli.add_command(demo_command, "demo")
-
-
-_attach_optional_commands()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Console-script entry point."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.main(args=argv, prog_name="edgesdk")

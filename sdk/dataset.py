@@ -3,9 +3,10 @@
 * ``.npz``: ``x`` (and optional integer labels ``y``); a multi-input model takes its inputs by
   name (one array per input name) or ``x0``, ``x1``... in the order the converter lists them.
 * ``.npy``: inputs only.
-* a folder of images (png/jpg/bmp/gif/webp): resized to the model's input height and width,
-  converted to 1 or 3 channels as the input needs, scaled to ``value_range`` (default [0, 1]),
-  or kept as uint8 pixels for an input with a uint8 normalisation (``InputSpec.pixels``).
+* a folder of images (png/jpg/bmp/gif/webp), or one image file (:func:`load_image`): resized to
+  the model's input height and width, converted to 1 or 3 channels as the input needs, scaled to
+  ``value_range`` (default [0, 1]), or kept as uint8 pixels for an input with a uint8
+  normalisation (``InputSpec.pixels``).
   Images in sub-folders are labelled by the sorted index of their sub-folder (ImageNet layout).
 
 Every array is checked against the model's input shape here, so a wrong shape is reported
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from sdk.errors import DataError
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
-__all__ = ["Dataset", "InputSpec", "load_dataset", "synthetic_dataset"]
+__all__ = ["Dataset", "InputSpec", "load_dataset", "load_image", "synthetic_dataset", "IMAGE_SUFFIXES"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class InputSpec:
     #: the input has a uint8 normalisation (:mod:`sdk.encoding`): image folders load as uint8
     #: pixels and uint8 arrays keep their dtype, so they travel as 1 byte per value
     pixels: bool = False
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any], index: int = 0) -> "InputSpec":
+        """The spec of a bundle manifest's input entry, as data for the model is given: floats for
+        a quantized or float input, integer and boolean inputs (token ids, masks) in their own
+        dtype; uint8 pixels for an input with a uint8 normalisation."""
+        quantized_or_float = entry.get("scale") or np.dtype(str(entry["dtype"])).kind == "f"
+        return cls(str(entry.get("key") or entry.get("name", f"x{index}")), tuple(int(d) for d in entry["shape"]),
+                   "float32" if quantized_or_float else str(entry["dtype"]),
+                   pixels=entry.get("normalization") is not None)
 
 
 @dataclass
@@ -74,38 +85,65 @@ class Dataset:
         return [(float(np.min(x)), float(np.max(x))) for x in self.xs]
 
 
-def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    Image = require("PIL.Image", ("converter", "fleet"), "to read image folders")
+def _image_size(spec: InputSpec, what: str) -> tuple[int, int, int]:
+    """The (height, width, channels) of an image input; DataError for an input that is not one."""
     if len(spec.shape) != 4:
         raise DataError(
-            f"image folder {folder} given, but model input {spec.name!r} has shape {list(spec.shape)}, "
+            f"{what} given, but model input {spec.name!r} has shape {list(spec.shape)}, "
             "not (batch, height, width, channels): pass a .npz or .npy instead"
         )
     _, height, width, channels = spec.shape
     if channels not in (1, 3):
-        raise DataError(f"model input {spec.name!r} has {channels} channels; image folders support 1 or 3")
+        raise DataError(f"model input {spec.name!r} has {channels} channels; images work for 1 or 3")
+    return height, width, channels
+
+
+def _read_image(Image: Any, path: Path, height: int, width: int, channels: int) -> np.ndarray:
+    """One image file, resized and with the input's channels, as float32 pixel values 0..255."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR),
+                             dtype=np.float32)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return arr.reshape(height, width, channels)
+
+
+def _pixels_as_input(pixels: np.ndarray, spec: InputSpec, value_range: tuple[float, float]) -> np.ndarray:
+    """Stacked pixel values as the input takes them: uint8 for an input that normalises them on
+    the device, else floats scaled to ``value_range``."""
+    if spec.pixels:
+        return pixels.astype(np.uint8)
+    low, high = value_range
+    return (pixels / 255.0 * (high - low) + low).astype(np.float32)
+
+
+def load_image(path: PathLike, spec: InputSpec, value_range: tuple[float, float] = (0.0, 1.0), *,
+               extra: str | tuple[str, ...] = "images") -> np.ndarray:
+    """One image file as a batch of one for ``spec`` (resized, 1 or 3 channels; uint8 pixels for an
+    input with a uint8 normalisation, else scaled to ``value_range``). ``extra``: the caller's
+    extra that brings Pillow, named when it is missing."""
+    p = Path(path)
+    height, width, channels = _image_size(spec, f"image {p}")
+    if not p.is_file():
+        raise DataError(f"image {p} does not exist: check the path")
+    Image = require("PIL.Image", extra, "to read images")
+    return _pixels_as_input(_read_image(Image, p, height, width, channels)[None], spec, value_range)
+
+
+def _images(folder: Path, spec: InputSpec, value_range: tuple[float, float],
+            extra: str | tuple[str, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    Image = require("PIL.Image", extra, "to read image folders")
+    height, width, channels = _image_size(spec, f"image folder {folder}")
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     labelled = [(p, i) for i, d in enumerate(subdirs) for p in sorted(d.iterdir())] if subdirs else []
     files = labelled or [(p, -1) for p in sorted(folder.iterdir())]
     files = [(p, label) for p, label in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as img:
-                arr = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.float32)
-        except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
-        arrays.append(arr.reshape(height, width, channels))
-    if spec.pixels:
-        return np.stack(arrays).astype(np.uint8), (np.array([label for _, label in files], dtype=np.int64)
-                                                   if labelled else None)
-    low, high = value_range
-    x = np.stack(arrays) / 255.0 * (high - low) + low
+    x = np.stack([_read_image(Image, path, height, width, channels) for path, _ in files])
     y = np.array([label for _, label in files], dtype=np.int64) if labelled else None
-    return x.astype(np.float32), y
+    return _pixels_as_input(x, spec, value_range), y
 
 
 def _check(x: np.ndarray, spec: InputSpec, what: str, source: str) -> np.ndarray:
@@ -133,11 +171,13 @@ def load_dataset(
     what: str = "calibration",
     limit: Optional[int] = None,
     value_range: tuple[float, float] = (0.0, 1.0),
+    extra: str | tuple[str, ...] = ("converter", "fleet"),
 ) -> Dataset:
     """Load ``path`` for a model with ``inputs``; raise DataError with the fix when it does not fit.
 
     ``inputs=None`` (the model's inputs are unknown): a ``.npz``/``.npy`` is taken as it is
-    (``x``, else ``x0``, ``x1``, ...), unchecked; an image folder needs the inputs' sizes."""
+    (``x``, else ``x0``, ``x1``, ...), unchecked; an image folder needs the inputs' sizes.
+    ``extra``: the caller's extra that brings Pillow (for image folders), named when it is missing."""
     p = Path(path)
     source = str(p)
     if not p.exists():
@@ -148,7 +188,7 @@ def load_dataset(
             raise DataError(f"{what} data {p} is a folder of images, but the model's input size is unknown")
         if len(inputs) != 1:
             raise DataError("image folders work for single-input models only: pass a .npz with x0, x1, ...")
-        x, y = _images(p, inputs[0], value_range)
+        x, y = _images(p, inputs[0], value_range, extra)
         xs = [x]
     elif p.suffix == ".npz":
         try:

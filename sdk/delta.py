@@ -71,9 +71,11 @@ def available(method: str) -> bool:
         return False
 
 
-def _module(method: str):
+def _module(method: str, extra: str | tuple[str, ...] = ("agent", "fleet")):
+    """The package of ``method``; a missing one names ``extra``, the extra of the role asking (the
+    fleet makes deltas, devices apply them)."""
     if method in ("zstd", "zstd-zip"):
-        return require("zstandard", ("agent", "fleet"), "to apply bundle deltas")
+        return require("zstandard", extra, "for bundle deltas")
     if method == "bsdiff4":
         return require("bsdiff4", "dev", "for bsdiff bundle deltas (measured by bench/delta_bench.py)")
     raise DeltaError(f"unknown delta method {method!r}: use one of {', '.join(METHODS)}")
@@ -86,7 +88,7 @@ def _window_log(total: int) -> int:
 
 def make_delta(base: bytes, target: bytes, method: str = DEFAULT_METHOD, *, level: int = 19) -> bytes:
     """The delta turning ``base`` into ``target`` with ``method`` (the fleet makes it once per pair)."""
-    mod = _module(method)
+    mod = _module(method, "fleet")
     if method == "bsdiff4":
         return mod.diff(bytes(base), bytes(target))
     if method == "zstd-zip":
@@ -111,7 +113,7 @@ def _zstd_make(mod, base: bytes, target: bytes, level: int) -> bytes:
 def apply_delta(base: bytes, delta: bytes, method: str, *, size: int, sha256: Optional[str] = None) -> bytes:
     """``base`` with ``delta`` applied: at most ``size`` bytes are produced, and the result must be
     exactly ``size`` bytes (and hash to ``sha256`` when given). Raises :class:`DeltaError`."""
-    mod = _module(method)
+    mod = _module(method, "agent")
     try:
         if method == "bsdiff4":
             out = _bspatch(mod, base, delta, size)

@@ -27,6 +27,7 @@ so a caller catches ``EdgeSdkError`` and gets a message that says what was wrong
     ├── BackpressureError              the agent's outbox is full: it accepts no new work until acked
     ├── ProtocolError                  a message that does not follow the wire protocol
     ├── BrokerError                    the MQTT broker cannot be reached or refused us
+    ├── AuthenticationError            a request to the fleet's HTTP API lacks a valid token
     └── FleetError                     a fleet operation cannot proceed
         ├── NotFoundError              no rollout, job or device with that id
         ├── RolloutError               a rollout cannot be created or was aborted
@@ -61,6 +62,7 @@ __all__ = [
     "BackpressureError",
     "ProtocolError",
     "BrokerError",
+    "AuthenticationError",
     "FleetError",
     "NotFoundError",
     "RolloutError",
@@ -216,6 +218,12 @@ class BackpressureError(EdgeSdkError):
     """The agent's durable outbox is full; it accepts no new work until the fleet acknowledges."""
 
     exit_code = 18
+
+
+class AuthenticationError(EdgeSdkError):
+    """A request to the fleet's HTTP API carried no bearer token, or not the one it was started with."""
+
+    exit_code = 23
 
 
 class FleetError(EdgeSdkError):

@@ -14,6 +14,8 @@ What it takes care of (see ``shared/notes/mqtt.md`` for why each matters):
 * ``TCP_NODELAY`` on the socket (paho leaves Nagle on, which adds up to 40 ms per exchange).
 * A persistent session (``clean_start=False`` + session expiry on v5, ``clean_session=False``
   on 3.1.1) so QoS-1 commands sent while a device was briefly away are still delivered.
+* Several brokers (the nodes of a clustered broker: ``mqtt://node1:1883,node2:1883``): the
+  connection uses the first and, whenever it loses or cannot reach one, tries the next in turn.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ __all__ = ["MqttSettings", "MqttConnection", "probe_protocol"]
 
 Handler = Callable[[str, bytes], None]
 
+#: what a broker URL looks like (error messages)
+BROKER_URL_USAGE = "use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (a cluster's nodes: mqtt://HOST:PORT,HOST:PORT)"
 
-def _paho():
-    return require("paho.mqtt.client", ("agent", "fleet"), "to talk to the MQTT broker")
+
+def _paho(extra: str | tuple[str, ...]):
+    return require("paho.mqtt.client", extra, "to talk to the MQTT broker")
 
 
 @dataclass
@@ -57,21 +62,48 @@ class MqttSettings:
     persistent_session: bool = True
     session_expiry: int = 24 * 3600
     max_packet_size: int = 256 * 1024
+    #: more brokers to fail over to, in order, after (host, port): nodes of one clustered broker
+    fallbacks: tuple[tuple[str, int], ...] = ()
+    #: the extra that brings paho-mqtt to whoever connects (the agent passes "agent", the fleet
+    #: "fleet"), named in the error when it is missing
+    extra: str | tuple[str, ...] = ("agent", "fleet")
+
+    @property
+    def brokers(self) -> list[tuple[str, int]]:
+        """Every broker this connection may use, in the order it tries them."""
+        return [(self.host, self.port), *self.fallbacks]
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> "MqttSettings":
-        """Settings for ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]`` (TLS), plus any field."""
+        """Settings for ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]`` (TLS), or several
+        brokers of one cluster, ``mqtt://HOST[:PORT],HOST[:PORT],...``; plus any field."""
         from urllib.parse import urlparse
 
         from .errors import ConfigError
 
-        u = urlparse(url)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ConfigError(f"broker URL {url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-        tls = u.scheme == "mqtts"
-        fields = {"host": u.hostname, "port": u.port or (8883 if tls else 1883), "tls": tls}
-        if u.username:
-            fields.update(username=u.username, password=u.password or "")
+        usage = f"broker URL {url!r}: {BROKER_URL_USAGE}"
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("mqtt", "mqtts") or not sep:
+            raise ConfigError(usage)
+        tls = scheme == "mqtts"
+        credentials, _, hosts = rest.rpartition("@")
+        brokers = []
+        for part in hosts.rstrip("/").split(","):
+            try:
+                u = urlparse(f"{scheme}://{part}")
+                port = u.port
+            except ValueError as exc:
+                raise ConfigError(f"{usage} ({exc})") from exc
+            if not u.hostname or u.path or u.query:
+                raise ConfigError(usage)
+            brokers.append((u.hostname, port or (8883 if tls else 1883)))
+        fields: dict[str, object] = {"host": brokers[0][0], "port": brokers[0][1], "tls": tls,
+                                     "fallbacks": tuple(brokers[1:])}
+        if credentials:
+            from urllib.parse import unquote
+
+            user, _, password = credentials.partition(":")
+            fields.update(username=unquote(user), password=unquote(password))
         fields.update({k: v for k, v in kwargs.items() if v not in (None, "")})
         return cls(**fields)  # type: ignore[arg-type]
 
@@ -80,9 +112,10 @@ def _protocol_const(mqtt, protocol: str) -> int:
     return mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
 
 
-def probe_protocol(settings: MqttSettings, timeout: float = 5.0) -> str:
-    """Connect once with MQTT 5; ``"3.1.1"`` if the broker refuses the protocol version."""
-    mqtt = _paho()
+def probe_protocol(settings: MqttSettings, timeout: float = 5.0, broker: Optional[tuple[str, int]] = None) -> str:
+    """Connect once with MQTT 5 (to ``broker``, default the first); ``"3.1.1"`` if the broker
+    refuses the protocol version."""
+    mqtt = _paho(settings.extra)
     result: dict[str, object] = {}
     done = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
@@ -96,10 +129,11 @@ def probe_protocol(settings: MqttSettings, timeout: float = 5.0) -> str:
         done.set()
 
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    host, port = broker or (settings.host, settings.port)
     try:
-        client.connect(settings.host, settings.port, keepalive=10)
+        client.connect(host, port, keepalive=10)
     except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"cannot reach the MQTT broker at {settings.host}:{settings.port}: {exc}") from exc
+        raise BrokerError(f"cannot reach the MQTT broker at {host}:{port}: {exc}") from exc
     client.loop_start()
     done.wait(timeout)
     client.disconnect()
@@ -166,6 +200,13 @@ class MqttConnection:
         self._closing = False
         self.connects = 0
         self._subscribe_mid: Optional[int] = None
+        self._broker = 0  # index into settings.brokers of the broker in use
+        self._connect_kwargs: dict = {}
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        """The broker (host, port) this connection uses now."""
+        return self.settings.brokers[self._broker]
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "MqttConnection":
@@ -176,18 +217,30 @@ class MqttConnection:
             self._connect(self.protocol)
             return self
         try:
-            self._connect(probe_protocol(self.settings))
+            self._connect(self._probe_each())
         except BrokerError as exc:
-            # The broker is unreachable now, so its protocol is unknown: keep probing until it
+            # No broker is reachable now, so the protocol is unknown: keep probing until one
             # answers, then connect with what it speaks (an MQTT 3.1.1 broker refuses v5 for good).
             log.warning("%s; retrying", exc)
             threading.Thread(target=self._probe_until_reachable, name="edgesdk-mqtt-probe", daemon=True).start()
         return self
 
+    def _probe_each(self) -> str:
+        """The protocol of the first broker, in turn from the current one, that answers."""
+        brokers = self.settings.brokers
+        for _ in range(len(brokers)):
+            try:
+                return probe_protocol(self.settings, broker=self.broker)
+            except BrokerError:
+                if len(brokers) == 1:
+                    raise
+                self._broker = (self._broker + 1) % len(brokers)
+        raise BrokerError("cannot reach any of the MQTT brokers " + ", ".join(f"{h}:{p}" for h, p in brokers))
+
     def _probe_until_reachable(self) -> None:
         while not self._closing:
             try:
-                protocol = probe_protocol(self.settings)
+                protocol = self._probe_each()
             except BrokerError:
                 time.sleep(2.0)
                 continue
@@ -196,7 +249,7 @@ class MqttConnection:
             return
 
     def _connect(self, protocol: str) -> None:
-        mqtt = _paho()
+        mqtt = _paho(self.settings.extra)
         self.protocol = protocol
         proto = _protocol_const(mqtt, protocol)
         kwargs = {"client_id": self.settings.client_id, "protocol": proto}
@@ -211,19 +264,22 @@ class MqttConnection:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         connect_kwargs = {"keepalive": self.settings.keepalive}
         if proto == mqtt.MQTTv5:
-            props = mqtt.Properties(require("paho.mqtt.packettypes", ("agent", "fleet")).PacketTypes.CONNECT)
+            props = mqtt.Properties(require("paho.mqtt.packettypes", self.settings.extra).PacketTypes.CONNECT)
             if self.settings.persistent_session:
                 props.SessionExpiryInterval = self.settings.session_expiry
             connect_kwargs["clean_start"] = not self.settings.persistent_session
             connect_kwargs["properties"] = props
+        self._connect_kwargs = connect_kwargs
+        host, port = self.broker
         try:
-            client.connect_async(self.settings.host, self.settings.port, **connect_kwargs)
+            client.connect_async(host, port, **connect_kwargs)
         except (OSError, socket.gaierror) as exc:
-            raise BrokerError(f"cannot reach the MQTT broker at {self.settings.host}:{self.settings.port}: {exc}") from exc
+            raise BrokerError(f"cannot reach the MQTT broker at {host}:{port}: {exc}") from exc
         self._client = client
         client.loop_start()
 
@@ -293,13 +349,30 @@ class MqttConnection:
     def _ready(self) -> None:
         self.connects += 1
         self.connected.set()
-        log.info("connected to %s:%s (MQTT %s)", self.settings.host, self.settings.port, self.protocol)
+        log.info("connected to %s:%s (MQTT %s)", *self.broker, self.protocol)
         self._work.put(("__connected__", b""))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         if not self._closing:
-            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+            log.warning("disconnected from the broker at %s:%s (%s); reconnecting", *self.broker, reason_code)
+            self._next_broker(client)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._closing:
+            self._next_broker(client)
+
+    def _next_broker(self, client) -> None:
+        """Reconnect to the next broker of the list (a clustered broker's next node); paho's
+        loop makes the attempt, after its back-off."""
+        brokers = self.settings.brokers
+        if len(brokers) < 2:
+            return
+        self._broker = (self._broker + 1) % len(brokers)
+        try:
+            client.connect_async(*self.broker, **self._connect_kwargs)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot switch to the broker at %s:%s: %s", *self.broker, exc)
 
     def _on_message(self, client, userdata, msg) -> None:
         self._work.put((msg.topic, bytes(msg.payload)))

@@ -125,7 +125,7 @@ def edgesdk_cli():
     def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
         return subprocess.run(
-            [sys.executable, "-m", "sdk", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env,
+            [sys.executable, "-m", "edgesdk", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env,
             timeout=600,
         )
 
@@ -171,7 +171,7 @@ class MosquittoBroker:
     """
 
     def __init__(self, root: Path, users: dict | None = None, extra: str = "", *, include_dir: Path | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, defaults: bool = False) -> None:
         import getpass
 
         self.port = port or free_port()
@@ -179,8 +179,9 @@ class MosquittoBroker:
         self.scheme = "mqtts" if include_dir else "mqtt"
         self.conf = root / "mosquitto.conf"
         # run as ourselves: as root, mosquitto would drop to user "mosquitto", who cannot read pytest's tmp dirs
-        common = (f"user {getpass.getuser()}\npersistence false\nmax_queued_messages 100000\n"
-                  f"log_dest file {root / 'mosquitto.log'}\n")
+        # (``defaults``: Mosquitto's own queue limits, as an operator who never tuned it runs it)
+        queue = "" if defaults else "max_queued_messages 100000\n"
+        common = f"user {getpass.getuser()}\npersistence false\n{queue}log_dest file {root / 'mosquitto.log'}\n"
         if include_dir is not None:
             self.conf.write_text(common + f"{extra}include_dir {include_dir}\n")
         else:
@@ -267,8 +268,9 @@ def _broker_factory(tmp_path_factory: pytest.TempPathFactory):
     made = []
 
     def make(users: dict | None = None, extra: str = "", *, include_dir: Path | None = None,
-             port: int | None = None) -> MosquittoBroker:
-        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users, extra, include_dir=include_dir, port=port).start()
+             port: int | None = None, defaults: bool = False) -> MosquittoBroker:
+        b = MosquittoBroker(tmp_path_factory.mktemp("broker"), users, extra, include_dir=include_dir, port=port,
+                            defaults=defaults).start()
         made.append(b)
         return b
 
@@ -538,14 +540,14 @@ def agent_toml(tmp_path, signing_keys):
 
 @pytest.fixture
 def spawn(tmp_path):
-    """``spawn("agent", "run", "--config", p)``: ``python -m sdk ...`` as a real process (log in tmp_path);
+    """``spawn("agent", "run", "--config", p)``: ``python -m edgesdk ...`` as a real process (log in tmp_path);
     whatever is still running is killed after the test."""
     procs = []
 
     def start(*args: str, log_name: str = "proc") -> subprocess.Popen:
         log = open(tmp_path / f"{log_name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "sdk", *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "EDGESDK_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
+        p = subprocess.Popen([sys.executable, "-m", "edgesdk", *map(str, args)], stdout=log,
+                             stderr=subprocess.STDOUT, env={**os.environ, "EDGESDK_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
         procs.append((p, log))
         return p
 
@@ -558,20 +560,89 @@ def spawn(tmp_path):
 
 
 @pytest.fixture
+def preinstall():
+    """``preinstall(cfg_path, *bundles)``: the agent config at ``cfg_path``, with ``bundles`` installed
+    in its store as a previous run would have left them (the agent itself is not started)."""
+    from agent import Agent
+    from agent.config import load_config
+
+    def install(cfg_path, *bundles):
+        cfg = load_config(cfg_path, env={})
+        setup = Agent(cfg)
+        for bundle in bundles:
+            setup.install(bundle)
+        setup.stop()
+        return cfg
+
+    return install
+
+
+@pytest.fixture
+def agent_process(spawn, eventually):
+    """``agent_process(cfg_path, "--no-mqtt")``: ``edgesdk agent run --config cfg_path`` as a real
+    process (``spawn``: killed after the test), once it answers on its local socket; returns it."""
+    from agent import AgentClient
+    from agent.config import load_config
+    from sdk.errors import InferenceError
+
+    def start(cfg_path, *options: str) -> subprocess.Popen:
+        cfg = load_config(cfg_path, env={})
+        proc = spawn("agent", "run", *options, "--config", cfg_path, log_name=f"agent-{cfg.device_id}")
+
+        def answers() -> bool:
+            assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+            try:
+                with AgentClient(cfg.socket_path, timeout=5) as client:
+                    return client.ping()
+            except InferenceError:
+                return False
+
+        assert eventually(answers, timeout=60)
+        return proc
+
+    return start
+
+
+@pytest.fixture
 def make_fleet(tmp_path):
     """``make_fleet(url)``: a started :class:`fleet.Fleet` with its own state dir, stopped after the test."""
     from fleet import Fleet
 
     made = []
 
-    def make(url, state=None, **kw):
-        f = Fleet(state or tmp_path / "fleet", url, tick=0.1, **kw).start()
+    def make(url, state=None, standby=False, **kw):
+        f = Fleet(state or tmp_path / "fleet", url, tick=0.1, **kw).start(standby=standby)
         made.append(f)
         return f
 
     yield make
     for f in made:
         f.stop()
+
+
+@pytest.fixture
+def make_api():
+    """``make_api(fleet, token=None, **app_options)``: the fleet's HTTP application
+    (:func:`fleet.http.create_app`) served on a free loopback port by a real uvicorn; returns an
+    ``httpx.Client`` for it (sending the token when given). Both are closed after the test."""
+    import httpx
+
+    from fleet.http import ApiServer, create_app
+
+    made = []
+
+    def make(fleet, token=None, **app_options):
+        server = ApiServer("127.0.0.1", 0, token_required=token is not None)
+        server.start(create_app(fleet, token=token, **app_options))
+        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"} if token else {},
+                              timeout=30)
+        made.append((server, client))
+        return client
+
+    yield make
+    for server, client in made:
+        client.close()
+        server.stop()
 
 
 @pytest.fixture
@@ -672,3 +743,209 @@ def wide_image_bundle(tmp_path_factory: pytest.TempPathFactory, signing_keys: Ke
 def reversioned():
     """:func:`reversion_bundle`: ``reversioned(src, version, private_key_path, out)``."""
     return reversion_bundle
+
+
+class PostgresServer:
+    """A PostgreSQL server for the fleet's tests: the one answering on ``$EDGESDK_TEST_PG_URL``
+    (default ``postgresql://postgres@127.0.0.1:5432/postgres``) when it does, else a private
+    instance made with ``initdb`` and started with ``pg_ctl`` on a free loopback port (set
+    ``EDGESDK_TEST_PG=private`` to always make one). Each test gets a database of its own
+    (:meth:`create_database`), dropped after it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.private = False
+        self.admin_url = os.environ.get("EDGESDK_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+        if os.environ.get("EDGESDK_TEST_PG") == "private" or not self._answers(self.admin_url):
+            self._start_private()
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(url, connect_timeout=3).close()
+            return True
+        except psycopg.Error:
+            return False
+
+    def _as_owner(self) -> list[str]:
+        """initdb and postgres refuse to run as root: run them as the ``postgres`` user (Debian's
+        package makes it) or ``nobody``, owning the data directory."""
+        if os.geteuid() != 0:
+            return []
+        import pwd
+        import shutil as _shutil
+
+        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+        if user is None or _shutil.which("setpriv") is None:
+            pytest.fail("a private PostgreSQL needs a non-root user (postgres or nobody) and setpriv (util-linux)")
+        entry = pwd.getpwnam(user)
+        os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
+
+    def _start_private(self) -> None:
+        import glob
+        import shutil as _shutil
+        import time
+
+        tools = [p for p in ("initdb", "pg_ctl") if _shutil.which(p)]
+        bindir = "" if len(tools) == 2 else next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"))), "")
+        if len(tools) < 2 and not bindir:
+            pytest.fail("no PostgreSQL answers and initdb/pg_ctl are missing: run .ci/setup "
+                        "(apt-get install -y postgresql)")
+        exe = (lambda name: os.path.join(bindir, name)) if bindir else (lambda name: name)
+        self.private = True
+        self.port = free_port()
+        self.data = self.root / "data"
+        prefix = self._as_owner()
+        subprocess.run([*prefix, exe("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run([*prefix, exe("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w",
+                        "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+                        "start"], check=True, stdout=subprocess.DEVNULL)
+        self._stop = [*prefix, exe("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        deadline = time.monotonic() + 30
+        while not self._answers(self.admin_url):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the private PostgreSQL did not start: {(self.root / 'postgres.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def url(self, database: str) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + "/" + database
+
+    def create_database(self) -> str:
+        import uuid
+
+        import psycopg
+
+        name = "edgesdk_test_" + uuid.uuid4().hex[:10]
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        import psycopg
+
+        from fleet.storage import close_storage
+
+        close_storage(url)
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+    def stop(self) -> None:
+        if self.private:
+            subprocess.run(self._stop, check=False, stdout=subprocess.DEVNULL)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):
+    """The PostgreSQL server the fleet's tests use (see :class:`PostgresServer`)."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_server: PostgresServer):
+    """The URL of a fresh PostgreSQL database, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+class NatsCluster:
+    """A 3-node NATS cluster with JetStream and MQTT on loopback (Debian's ``nats-server``; .ci/setup
+    installs it): a clustered MQTT 3.1.1 broker whose sessions, retained messages, wills and QoS-1
+    state live in JetStream streams replicated over the nodes. Tests can SIGKILL a node and start
+    it again."""
+
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        import shutil as _shutil
+
+        if _shutil.which("nats-server") is None:
+            pytest.fail("the nats-server binary is missing: run .ci/setup (apt-get install -y nats-server)")
+        self.root = root
+        ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]
+        self.mqtt_ports = [p[2] for p in ports]
+        self.monitor_ports = [p[3] for p in ports]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p[1]}" for p in ports)
+        self.confs = []
+        for i, (client, cluster, mqtt, monitor) in enumerate(ports, start=1):
+            conf = root / f"n{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n"
+                f'jetstream {{ store_dir: "{root / f"js{i}"}" }}\n'
+                f"cluster {{ name: edgesdk, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n"
+                f"mqtt {{ listen: 127.0.0.1:{mqtt}, stream_replicas: {min(3, nodes)} }}\n")
+            self.confs.append(conf)
+        self.procs: list[subprocess.Popen | None] = [None] * nodes
+
+    def url(self, *nodes: int) -> str:
+        """``mqtt://`` URL of the given nodes (0-based), in order: the first, then the others to fail over to."""
+        return "mqtt://" + ",".join(f"127.0.0.1:{self.mqtt_ports[i]}" for i in nodes)
+
+    def start(self, *nodes: int) -> "NatsCluster":
+        for i in nodes or range(len(self.confs)):
+            log = self.root / f"n{i + 1}.log"
+            self.procs[i] = subprocess.Popen(["nats-server", "-c", str(self.confs[i]), "-l", str(log)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_ready()
+        return self
+
+    def _json(self, node: int, path: str) -> dict:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_ports[node]}{path}", timeout=2) as r:
+            return json.load(r)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Every running node answers MQTT and sees a JetStream meta leader."""
+        import socket
+        import time
+
+        deadline = time.monotonic() + timeout
+        running = [i for i, p in enumerate(self.procs) if p is not None]
+        while time.monotonic() < deadline:
+            try:
+                for i in running:
+                    socket.create_connection(("127.0.0.1", self.mqtt_ports[i]), timeout=0.5).close()
+                    if not self._json(i, "/jsz").get("meta_cluster", {}).get("leader"):
+                        raise OSError("no JetStream meta leader yet")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the NATS cluster did not come up: " + " | ".join(
+            (self.root / f"n{i + 1}.log").read_text(errors="replace")[-600:] for i in running))
+
+    def kill(self, node: int) -> None:
+        """SIGKILL one node, as a crash."""
+        p = self.procs[node]
+        if p is not None:
+            p.kill()
+            p.wait(10)
+            self.procs[node] = None
+
+    def stop(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+
+
+@pytest.fixture
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A started 3-node NATS cluster with MQTT (see :class:`NatsCluster`), killed after the test."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+    yield cluster
+    cluster.stop()

@@ -1,8 +1,10 @@
 """[agent] alone: no TensorFlow; install a signed bundle (verify + golden health check), refuse a
-tampered one, then a real `edgesdk agent run` process resumes it and serves over its local socket.
+tampered one, then a real `edgesdk agent run` process resumes it and serves over its local socket;
+the local verbs: `edgesdk agent deploy` of version 2 into it, `predict` and `status`.
 argv[1]: the directory converter_smoke.py wrote. Prints the environment's installed size."""
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +55,21 @@ try:
     print(f"agent smoke: the agent process served {len(preds)} requests, accuracy {100 * accuracy:.1f} %")
     models = subprocess.run([edgesdk, "agent", "models", "--config", str(cfg), "--json"], capture_output=True, text=True)
     assert models.returncode == 0 and "digits" in models.stdout, models
+
+    def verb(*args: str) -> dict:
+        res = subprocess.run([edgesdk, "agent", *args, "--config", str(cfg), "--json"], capture_output=True, text=True)
+        assert res.returncode == 0, res
+        return json.loads(res.stdout)
+
+    assert verb("deploy", str(work / "digits-2.edgebundle"))["version"] == "2"
+    np.save(work / "agent-smoke.npy", test["x"][:20])
+    (out,) = verb("predict", "digits", str(work / "agent-smoke.npy"))["outputs"]
+    agree = float(np.mean(np.argmax(out["values"], axis=1) == np.array(preds[:20])))
+    assert agree >= 0.8, agree  # the same network, quantized otherwise
+    status = verb("status")
+    assert status["running"] and [(m["name"], m["active"]) for m in status["models"]] == [("digits", "2")], status
+    print(f"agent smoke: deployed digits@2 into the running agent; agent predict agrees with version 1 on "
+          f"{100 * agree:.0f} % of 20 samples; status {status['last_install']['outcome']}")
 finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, "the agent did not stop cleanly on SIGTERM"

@@ -10,7 +10,7 @@ def test_toml_env_and_defaults(tmp_path) -> None:
     cfg = load_config(cfg_file, env={"EDGESDK_THREADS": "3", "EDGESDK_TAGS": "site=paris,hw=coral",
                                      "EDGESDK_TRUSTED_KEYS": "/a.pem:/b.pem"})
     assert cfg.device_id == "pi-1" and cfg.threads == 3 and cfg.tags == {"site": "paris", "hw": "coral"}
-    assert cfg.tls and cfg.broker_port == 8883 and cfg.broker_host == "broker.local"
+    assert cfg.tls and cfg.broker_url == "mqtts://broker.local"
     assert [str(p) for p in cfg.trusted_keys] == ["/a.pem", "/b.pem"]
     assert cfg.socket_path == cfg.state_dir / "agent.sock"
 
@@ -45,3 +45,16 @@ def test_missing_file_and_bad_env(tmp_path) -> None:
         load_config(tmp_path / "none.toml", env={})
     with pytest.raises(ConfigError, match="EDGESDK_THREADS"):
         load_config(None, env={"EDGESDK_THREADS": "many"})
+
+
+def test_a_clustered_broker_is_a_list_of_nodes_to_fail_over_between() -> None:
+    from sdk.mqtt import MqttSettings
+
+    settings = MqttSettings.from_url("mqtts://fleet:s%40cret@node1:8883,node2,node3:9883")
+    assert settings.brokers == [("node1", 8883), ("node2", 8883), ("node3", 9883)]
+    assert settings.tls and (settings.username, settings.password) == ("fleet", "s@cret")
+    cfg = AgentConfig(device_id="d1", broker_url="mqtt://a:1884,b:1885")
+    assert cfg.broker_url == "mqtt://a:1884,b:1885"
+    for bad in ("mqtt://", "mqtt://a:1883,", "mqtt://a:x", "http://a", "mqtt://a/path"):
+        with pytest.raises(ConfigError, match="broker_url"):
+            AgentConfig(device_id="d1", broker_url=bad)

@@ -376,7 +376,7 @@ def test_an_update_sent_as_a_delta_installs_and_serves(make_link, broker, make_f
     assert view.state == "SUCCEEDED", view
     reason = _device_row(fleet, rid, "dev-delta")["reason"]
     assert "installed from a zstd" in reason and "delta of" in reason
-    with fleet._db() as db:
+    with fleet.database() as db:
         rows = {r["method"]: dict(r) for r in db.all("SELECT * FROM deltas WHERE base = ? AND target = ?", (sha1, sha2))}
     assert set(rows) == {"zstd-zip", "zstd"}  # both made once; the smaller one travelled
     best = min(rows.values(), key=lambda r: r["size"])
@@ -405,7 +405,7 @@ def test_a_missing_base_or_a_corrupt_delta_falls_back_to_the_full_bundle(make_li
     # dev-lost: the fleet believes it holds version 1, but its store lost the file since
     lost.store.bundle_path("digits", "1").unlink()
     # dev-bad: the delta the fleet made is garbage (under its own sha256, so every chunk checks out)
-    with fleet._db() as db:
+    with fleet.database() as db:
         for method in fleet.deltas.methods:
             fleet.deltas.delta(db, sha1, sha2, 0.0, method)
         garbage = os.urandom(2000)
@@ -419,7 +419,7 @@ def test_a_missing_base_or_a_corrupt_delta_falls_back_to_the_full_bundle(make_li
         assert agent.model("digits").version == "2"
         assert agent.store.bundle_path("digits", "2").read_bytes() == digits_bundle_v2_same_model.read_bytes()
         assert "installed from" not in _device_row(fleet, rid, agent.config.device_id)["reason"]  # arrived whole
-    with fleet._db() as db:
+    with fleet.database() as db:
         reasons = {r["device"]: r["reason"] for r in db.all("SELECT device, reason FROM delta_fallbacks WHERE target = ?",
                                                           (sha2,))}
     assert "base bundle" in reasons["dev-lost"] and "not on this device" in reasons["dev-lost"]

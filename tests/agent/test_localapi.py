@@ -216,3 +216,83 @@ def test_bad_attach_requests_are_refused(agent) -> None:
         assert b"bad request framing" in raw.recv(4096)
     with AgentClient(agent.config.socket_path) as client:
         assert client.ping()
+
+
+def test_connections_beyond_the_limit_are_turned_away_and_the_others_keep_working(agent_config, digits_bundle, digits,
+                                                                                   eventually) -> None:
+    from agent import Agent
+
+    agent_config.local_api_max_connections = 2
+    agent = Agent(agent_config).start()
+    try:
+        agent.install(digits_bundle.path)
+        x = digits.x_test[:1]
+        expected = agent.predict("digits", [x])[0]
+        with AgentClient(agent.config.socket_path) as first, AgentClient(agent.config.socket_path) as second:
+            assert first.ping() and second.ping()  # both answered: both are being served
+            with AgentClient(agent.config.socket_path) as third:
+                with pytest.raises(InferenceError, match="serves at most 2 local API connections at once"):
+                    third.ping()
+            assert np.array_equal(first.predict("digits", [x])[0], expected)
+            assert np.array_equal(second.predict("digits", [x])[0], expected)
+        # once those two close, a new client gets their place
+        def served() -> bool:
+            try:
+                with AgentClient(agent.config.socket_path) as c:
+                    return c.ping()
+            except InferenceError:
+                return False
+        assert eventually(served)
+    finally:
+        agent.stop()
+
+
+def test_stop_closes_idle_connections(agent, digits_bundle, digits) -> None:
+    agent.install(digits_bundle.path)
+    client = AgentClient(agent.config.socket_path)
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.settimeout(10)
+    idle.connect(str(agent.config.socket_path))
+    try:
+        assert client.ping()
+        idle.sendall(request_head(Op.PING, b""))
+        assert b"pong" in idle.recv(4096)  # served, and now idle
+        agent.stop()
+        assert idle.recv(10) == b""  # EOF: the agent closed it (a live connection would block here)
+        with pytest.raises(InferenceError, match="closed the connection"):
+            client.predict("digits", [digits.x_test[:1]])
+        assert not agent.config.socket_path.exists()
+        with pytest.raises(InferenceError, match="is edgesdk agent run running"):
+            AgentClient(agent.config.socket_path)
+    finally:
+        client.close()
+        idle.close()
+
+
+def test_socket_is_never_reachable_with_looser_permissions(agent_config, monkeypatch) -> None:
+    """Under the loosest umask, the socket file is owner-only the moment bind creates it; only then
+    is it opened to its mode (0o660), and the process's umask is given back."""
+    import stat
+
+    from agent import Agent
+
+    modes = []
+    bind = socket.socket.bind
+
+    def bind_and_stat(sock, address):
+        bind(sock, address)
+        if sock.family == socket.AF_UNIX:
+            modes.append(stat.S_IMODE(os.stat(address).st_mode))
+
+    monkeypatch.setattr(socket.socket, "bind", bind_and_stat)
+    previous = os.umask(0)
+    try:
+        agent = Agent(agent_config).start()
+        assert os.umask(0) == 0  # given back
+    finally:
+        os.umask(previous)
+    try:
+        assert modes and all(mode & 0o077 == 0 for mode in modes), [oct(m) for m in modes]
+        assert stat.S_IMODE(os.stat(agent.config.socket_path).st_mode) == 0o660
+    finally:
+        agent.stop()

@@ -25,7 +25,7 @@ def test_agent_install_root_writes_a_valid_unit_and_config(tmp_path, edgesdk_cli
     unit = configparser.ConfigParser(strict=False, interpolation=None)  # units repeat keys (DeviceAllow=, ...)
     unit.read(root / "etc/systemd/system/edgesdk-agent.service")
     assert unit["Service"]["Restart"] == "on-failure"
-    assert unit["Service"]["ExecStart"].endswith("-m sdk agent run --config /etc/edgesdk/agent.toml")
+    assert unit["Service"]["ExecStart"].endswith("-m edgesdk agent run --config /etc/edgesdk/agent.toml")
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     installed = load_config(root / "etc/edgesdk/agent.toml", env={})
     assert installed.device_id == "pi-9" and installed.tags == {"site": "berlin"}
@@ -38,12 +38,13 @@ def test_bad_config_exits_non_zero_with_one_line(tmp_path, edgesdk_cli) -> None:
     r = edgesdk_cli("agent", "run", "--config", cfg)
     assert r.returncode == 2
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
-        "error: broker_url 'http://nope': use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+        "error: broker_url 'http://nope': use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (a cluster's nodes: "
+        "mqtt://HOST:PORT,HOST:PORT)"
     ]
 
 
 def start_agent(cfg_path, log):
-    return subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--config", str(cfg_path)],
+    return subprocess.Popen([sys.executable, "-m", "edgesdk", "agent", "run", "--config", str(cfg_path)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "EDGESDK_DEBUG": "1"})
 
 

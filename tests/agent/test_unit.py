@@ -24,8 +24,17 @@ from agent.cli import HOME_DIRS, interpreter_paths
 
 UNIT = Path("etc/systemd/system/edgesdk-agent.service")
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None,
-                                   reason="systemd-analyze is not installed (apt-get install systemd)")
+
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    """Fails, never skips, without systemd-analyze: .ci/setup installs it, so CI always runs these tests."""
+    if ANALYZE is None:
+        pytest.fail("systemd-analyze is not installed: run .ci/setup (apt-get install -y systemd)")
+    return ANALYZE
+
+
+needs_analyze = pytest.mark.usefixtures("systemd_analyze")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating users and changing file owners needs root")
 
 # Every sandbox setting the unit must carry, with its value, whatever the delegate.
@@ -139,7 +148,7 @@ def test_the_unit_sandboxes_the_agent_with_every_hardening_setting(tmp_path, edg
     assert "PrivateUsers" not in svc  # it would map the device groups to nobody
     assert "ReadWritePaths" not in svc  # StateDirectory= and RuntimeDirectory= are all it writes
     exec_start = shlex.split(svc["ExecStart"][0])
-    assert exec_start == [sys.executable, "-m", "sdk", "agent", "run", "--config", "/etc/edgesdk/agent.toml"]
+    assert exec_start == [sys.executable, "-m", "edgesdk", "agent", "run", "--config", "/etc/edgesdk/agent.toml"]
 
 
 def test_the_unit_binds_only_the_home_directory_paths_the_interpreter_needs(tmp_path, edgesdk_cli) -> None:
@@ -211,7 +220,7 @@ def test_exec_start_survives_spaces_and_specifier_characters() -> None:
     cfg = load_config(None, env={}, delegate="cpu")
     text = render_unit(cfg, "edgesdk", "edgesdk", [], python="/opt/edge sdk/100%/bin/python")
     assert parse_unit(text)["Service"]["ExecStart"] == [
-        '"/opt/edge sdk/100%%/bin/python" -m sdk agent run --config /etc/edgesdk/agent.toml']
+        '"/opt/edge sdk/100%%/bin/python" -m edgesdk agent run --config /etc/edgesdk/agent.toml']
 
 
 def test_key_files_in_a_home_directory_are_bound_read_only(tmp_path, edgesdk_cli) -> None:
@@ -299,7 +308,7 @@ def test_a_root_without_passwd_gets_a_sysusers_entry_and_the_host_no_user(tmp_pa
 @needs_root
 def test_install_into_an_image_root_creates_the_user_there_and_gives_it_the_state_dir(tmp_path, edgesdk_cli) -> None:
     if shutil.which("useradd") is None:
-        pytest.skip("useradd is not installed")
+        pytest.fail("useradd is not installed: run .ci/setup (apt-get install -y passwd)")
     root, name = tmp_path / "root", f"edgesdk-test-{secrets.token_hex(3)}"
     minimal_etc(root, "video:x:44:\n")
     state = root / "var/lib/edgesdk"
@@ -397,7 +406,8 @@ def agent_user():
     except KeyError:
         pass
     if shutil.which("useradd") is None or shutil.which("setpriv") is None:
-        pytest.skip("useradd and setpriv (util-linux) are needed to run the agent as its own user")
+        pytest.fail("useradd and setpriv are needed to run the agent as its own user: run .ci/setup "
+                    "(apt-get install -y passwd util-linux)")
     account = ensure_account(Target(Path("/")), name, Path("/var/lib/edgesdk"), dry_run=False)
     assert account is not None and account.uid != 0
     try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sdk.cli import cli
+from edgesdk.cli import cli
 
 
 def one_error_line(stderr: str) -> str:

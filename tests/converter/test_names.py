@@ -70,10 +70,10 @@ def test_tflite_orders_outputs_differently_and_they_are_matched_by_name(tmp_path
     assert [a.shape for a in positional] != [a.shape for a in reference]
 
 
-def test_auto_converts_a_two_dtype_three_output_model_and_records_names(tmp_path):
+def test_auto_converts_a_two_dtype_three_output_model_and_records_names(tmp_path, agent, signing_keys):
     sm = _saved_model(tmp_path)
     data = _data(tmp_path)
-    result = convert(sm, target="cpu", quantize="auto", calibration=data, eval_data=data,
+    result = convert(sm, target="cpu", quantize="auto", calibration=data, eval_data=data, key=signing_keys.private,
                      output=tmp_path / "m.edgebundle", runs=3, warmup=1, golden_pairs=2)
     rows = {r["label"]: r for r in result.report["candidates"]}
     assert rows["float32"]["status"] == "ok"
@@ -86,19 +86,18 @@ def test_auto_converts_a_two_dtype_three_output_model_and_records_names(tmp_path
     ids = next(t for t in m.inputs if t["key"] == "token_ids")
     assert ids["dtype"] == "int32" and 0 <= ids["value_range"][0] and ids["value_range"][1] <= VOCAB - 1
 
-    # the agent takes the inputs by their signature names and replays the golden pairs
-    from agent.installer import health_check  # noqa: F401  (import: the agent side exists)
-    from agent.serving import ActiveModel
-    from sdk.bundle import Bundle
+    # a real agent installs it (verified, the golden pairs replayed) and takes the inputs by name
+    from agent import AgentClient
 
-    bundle = Bundle.open(result.bundle_path)
-    model = ActiveModel.load(m.name, m.version, m.data, bundle.model_bytes(), delegate="cpu")
+    installed = agent.install(result.bundle_path)
+    assert installed["model"] == m.name and installed["golden_max_error"] is not None
     x = np.load(data)
-    by_name = model.predict({"token_ids": x["token_ids"][:1], "features": x["features"][:1]})
+    by_name = agent.predict(m.name, {"token_ids": x["token_ids"][:1], "features": x["features"][:1]})
+    with AgentClient(agent.config.socket_path) as client:  # and through the local API, in the other order
+        over_socket = client.predict(m.name, {"features": x["features"][:1], "token_ids": x["token_ids"][:1]})
+    assert all(np.array_equal(a, b) for a, b in zip(by_name, over_socket))
     keys = [t["key"] for t in m.outputs]
-    from converter.loaders import kind_for as _k
-
-    src = _k(sm).load(sm, ConvertOptions())
+    src = kind_for(sm).load(sm, ConvertOptions())
     ref = dict(zip(src.outputs, src.predict([x["features"][:1], x["token_ids"][:1]])))
     if result.report["chosen"] == "float32":
         for key, y in zip(keys, by_name):
@@ -133,7 +132,7 @@ def test_signature_choice_and_unknown_signature(tmp_path):
 
 
 def test_unknown_dimensions_are_named_and_fixed_by_input_shape(tmp_path):
-    from sdk.cli import cli as main
+    from edgesdk.cli import cli as main
 
     sm = _saved_model(tmp_path, dynamic_length=True)
     runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()

@@ -29,13 +29,13 @@ def test_a_killed_fleet_process_resumes_its_job_without_redoing_tasks(broker, ma
     proc.wait(10)
     job = reader.jobs_list()[0]
     assert job.state == "RUNNING" and job.counts["DONE"] < job.tasks
-    before = reader._db().all("SELECT id, device, done_at FROM tasks WHERE state = 'DONE'")
+    before = reader.database().all("SELECT id, device, done_at FROM tasks WHERE state = 'DONE'")
     r = edgesdk_cli(*fleet_args(broker, state), "job", "resume", job.id, "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["state"] == "SUCCEEDED" and summary["samples_done"] == 6000
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["y"], x)
-    after = {row["id"]: (row["device"], row["done_at"]) for row in reader._db().all("SELECT id, device, done_at FROM tasks")}
+    after = {row["id"]: (row["device"], row["done_at"]) for row in reader.database().all("SELECT id, device, done_at FROM tasks")}
     assert all(after[row["id"]] == (row["device"], row["done_at"]) for row in before)  # finished tasks kept, not redone
     assert sum(sims.devices[d].tasks_done for d in sims.ids) <= job.tasks + 3 * 2  # at most the in-flight ones twice
 

@@ -4,6 +4,7 @@ by an older fleet is migrated."""
 
 import json
 import signal
+import time
 
 import numpy as np
 
@@ -31,10 +32,18 @@ def test_fleet_serve_carries_out_requests_from_other_commands(broker, make_sims,
     assert "watching it work" in r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["y"], np.arange(80, dtype=np.float32).reshape(20, 4))
 
-    second = edgesdk_cli(*args, "serve")
-    assert second.returncode == 19 and "another fleet process" in second.stderr  # one controller per state dir
+    second = spawn(*args, "serve", log_name="fleet-serve-2")  # one controller leads: this one stands by
+    assert eventually(lambda: "it leads when no other controller does" in (tmp_path / "fleet-serve-2.log").read_text())
+    time.sleep(0.5)
+    assert "leading" not in (tmp_path / "fleet-serve-2.log").read_text().replace("it leads when", "")
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(30) == 0
+    assert eventually(lambda: "fleet controller: leading" in (tmp_path / "fleet-serve-2.log").read_text(), timeout=30)
+    r = edgesdk_cli(*args, "run", "noop", "--input", tmp_path / "x.npy", "-o", tmp_path / "y2.npz", "--json")
+    assert r.returncode == 0 and "watching it work" in r.stderr, r.stderr  # the standby took over and does the work
+    np.testing.assert_array_equal(np.load(tmp_path / "y2.npz")["y"], np.load(tmp_path / "y.npz")["y"])
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0
 
 
 def test_fleet_and_agents_over_mutual_tls(make_broker, make_link, make_fleet, tls_material, eventually, digits_bundle,
@@ -59,35 +68,58 @@ def test_fleet_and_agents_over_mutual_tls(make_broker, make_link, make_fleet, tl
     assert r.returncode == 17 and "cannot connect" in r.stderr  # no client certificate: refused, one clear line
 
 
-def test_a_database_of_an_older_fleet_is_migrated_and_its_job_resumes(broker, make_fleet, make_sims, eventually,
-                                                                     tmp_path) -> None:
-    import sqlite3
+def _version_1_database(fleet_db, state) -> None:
+    """A fleet database as edgesdk made it at schema version 1 (no tasks.version, jobs.output_spec,
+    jobs.bytes_sent, leader or blobs), holding a job in progress. SQLite: the layout of those
+    days (no version recorded, inputs as files); PostgreSQL: the first migration's tables."""
+    from fleet.storage.schema import MIGRATIONS
 
-    from fleet.state import SCHEMA, SCHEMA_VERSION
+    job = ("INSERT INTO jobs (id, model, state, options, samples, tasks, created) VALUES ('oldjob', 'noop', "
+           "'RUNNING', '" + json.dumps({"batch_size": 5, "lease_s": 60, "max_attempts": 5, "inputs": 1}) + "', 10, 2, 0)")
+    tasks = ("INSERT INTO tasks (id, job, idx, start, stop, state) VALUES ('oldjob-0', 'oldjob', 0, 0, 5, 'PENDING'), "
+             "('oldjob-1', 'oldjob', 1, 5, 10, 'PENDING')")
+    if fleet_db is None:
+        import sqlite3
+
+        state.mkdir(parents=True)
+        db = sqlite3.connect(state / "fleet.sqlite")
+        for statement in [*MIGRATIONS[1], job, tasks]:
+            db.execute(statement)
+        db.commit()
+        db.close()
+        return
+    import psycopg
+
+    from fleet.storage.postgres import ddl
+
+    with psycopg.connect(fleet_db, autocommit=True) as conn:
+        for statement in [*MIGRATIONS[1], job, tasks]:
+            for sql in ddl(statement):
+                conn.execute(sql)
+        conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+
+
+def test_a_database_of_an_older_fleet_is_migrated_and_its_job_resumes(broker, make_fleet, make_sims, eventually,
+                                                                     tmp_path, fleet_db) -> None:
+    from fleet.storage import SCHEMA_VERSION, open_storage
 
     state = tmp_path / "fleet"
-    (state / "jobs" / "oldjob").mkdir(parents=True)
     x = np.arange(40, dtype=np.float32).reshape(10, 4)
-    np.save(state / "jobs" / "oldjob" / "x0.npy", x)
-    # as edgesdk made it before: no tasks.version, no jobs.output_spec, no jobs.bytes_sent
-    old_schema = SCHEMA.replace("outputs TEXT, version TEXT);", "outputs TEXT);").replace(
-        ", output_spec TEXT,\n    bytes_sent INTEGER NOT NULL DEFAULT 0);", ");")
-    assert "version TEXT)" not in old_schema and "output_spec" not in old_schema and "bytes_sent" not in old_schema
-    db = sqlite3.connect(state / "fleet.sqlite")
-    db.executescript(old_schema)
-    db.execute("INSERT INTO jobs (id, model, state, options, samples, tasks, created) VALUES ('oldjob', 'noop', "
-               "'RUNNING', ?, 10, 2, 0)", (json.dumps({"batch_size": 5, "lease_s": 60, "max_attempts": 5, "inputs": 1}),))
-    db.executemany("INSERT INTO tasks (id, job, idx, start, stop, state) VALUES (?, 'oldjob', ?, ?, ?, 'PENDING')",
-                   [("oldjob-0", 0, 0, 5), ("oldjob-1", 1, 5, 10)])
-    db.commit()
-    db.close()
+    _version_1_database(fleet_db, state)
+    if fleet_db is None:  # the files of those days
+        (state / "jobs" / "oldjob").mkdir(parents=True)
+        np.save(state / "jobs" / "oldjob" / "x0.npy", x)
 
+    storage = open_storage(fleet_db, state)  # opening it migrates it
+    with storage.connect() as fdb:
+        assert fdb.schema_version() == SCHEMA_VERSION
+        assert "version" in fdb.columns("tasks") and {"output_spec", "bytes_sent"} <= fdb.columns("jobs")
+        assert fdb.columns("leader") and fdb.columns("blobs")
+    if fleet_db is not None:  # inputs live in the database from version 4 on
+        storage.blobs.put_array("input", "oldjob.0", x)
     make_sims(1, broker.url, models={"noop": "1"})
     fleet = make_fleet(broker.url, state=state)
-    with fleet._db() as fdb:
-        assert fdb.scalar("PRAGMA user_version") == SCHEMA_VERSION
-        assert "version" in {r["name"] for r in fdb.all("PRAGMA table_info(tasks)")}
-        assert {"output_spec", "bytes_sent"} <= {r["name"] for r in fdb.all("PRAGMA table_info(jobs)")}
     np.testing.assert_array_equal(fleet.finish_job("oldjob", timeout=60).outputs[0], x)
-    with fleet._db() as fdb:
+    with fleet.database() as fdb:
         assert {r["version"] for r in fdb.all("SELECT version FROM tasks")} == {"1"}  # recorded at dispatch

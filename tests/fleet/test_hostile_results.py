@@ -160,7 +160,7 @@ def test_a_result_for_the_wrong_version_is_refused_and_redone(broker, make_fleet
     summary = fleet.wait_job(job, timeout=60)
     assert fleet.stats["rejected_results.wrong_version"] >= 1
     assert summary.state == "SUCCEEDED"  # redone on version 3, which the device announced afterwards
-    with fleet._db() as db:
+    with fleet.database() as db:
         assert db.scalar("SELECT version FROM tasks WHERE job = ?", (job,)) == "3"
     np.testing.assert_array_equal(fleet.outputs(job)[0], x)
 

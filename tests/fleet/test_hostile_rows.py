@@ -12,14 +12,13 @@ import pytest
 
 from fleet import Fleet
 from fleet.jobs import collect_outputs
-from fleet.state import FleetDB
 from sdk import protocol as proto
 from sdk.errors import JobError, RolloutError
 
 
-def poison(state, sql: str, *params) -> None:
+def poison(fleet: Fleet, sql: str, *params) -> None:
     """Change the fleet database behind the fleet's back (as a bug, a disk error or a hand would)."""
-    with FleetDB(state, create=False) as db:
+    with fleet.database() as db:
         assert db.execute(sql, params).rowcount >= 1
 
 
@@ -32,12 +31,12 @@ def poisoned_rows(fleet: Fleet, state, bundle, tmp_path, tag: str) -> dict[str, 
     """A job with garbage options, a finished job whose stored outputs are garbage, and a
     rollout (to an offline device: it waits) whose options are not valid JSON."""
     bad_options = ghost_job(fleet)
-    poison(state, "UPDATE jobs SET options = '{not json' WHERE id = ?", bad_options)
+    poison(fleet, "UPDATE jobs SET options = '{not json' WHERE id = ?", bad_options)
     bad_outputs = ghost_job(fleet, output=tmp_path / f"{tag}.npz")
-    poison(state, "UPDATE tasks SET state = 'DONE', device = 'x', done_at = 1, outputs = 'garbage' WHERE job = ?",
+    poison(fleet, "UPDATE tasks SET state = 'DONE', device = 'x', done_at = 1, outputs = 'garbage' WHERE job = ?",
            bad_outputs)
     bad_rollout = fleet.deploy(bundle.path, devices=["nobody"])
-    poison(state, "UPDATE rollouts SET options = '[' WHERE id = ?", bad_rollout)
+    poison(fleet, "UPDATE rollouts SET options = '[' WHERE id = ?", bad_rollout)
     return {"options": bad_options, "outputs": bad_outputs, "rollout": bad_rollout}
 
 
@@ -79,7 +78,7 @@ def test_poisoned_rows_fail_alone_while_running_and_after_a_restart(broker, make
     reader = Fleet(state, broker.url)
     bad = poisoned_rows(reader, state, digits_bundle, tmp_path, "restart")
     half_poisoned = reader.submit("noop", x, batch_size=30, output=tmp_path / "half.npz")  # task 0 garbage, task 1 fine
-    poison(state, "UPDATE tasks SET state = 'DONE', device = 'x', done_at = 1, outputs = '[{\"b64\": 3}]' "
+    poison(reader, "UPDATE tasks SET state = 'DONE', device = 'x', done_at = 1, outputs = '[{\"b64\": 3}]' "
                   "WHERE id = ?", f"{half_poisoned}-0")
     good_job = reader.submit("noop", x, batch_size=7)
     good_rollout = reader.deploy(digits_bundle.path, devices=sims.ids, canary=1, batch_percent=100)
@@ -95,11 +94,13 @@ def test_poisoned_rows_fail_alone_while_running_and_after_a_restart(broker, make
         fleet.stop()
 
 
-def test_collect_outputs_raises_job_errors_only(tmp_path) -> None:
+def test_collect_outputs_raises_job_errors_only(tmp_path, fleet_db) -> None:
     """Rows that do not fit together (written behind the fleet's back) give a JobError that says
     what to do, not numpy's ValueError from concatenate."""
+    from fleet.storage import open_storage
+
     enc = proto.Result.encode_tensor
-    with FleetDB(tmp_path) as db:
+    with open_storage(fleet_db, tmp_path).connect() as db:
         db.execute("INSERT INTO jobs (id, model, state, options, samples, tasks, created) "
                    "VALUES ('j', 'm', 'RUNNING', '{}', 4, 2, 0)")
         for i, outputs in enumerate([[enc(np.zeros((2, 3), np.float32))], [enc(np.zeros((2, 5), np.float32))]]):

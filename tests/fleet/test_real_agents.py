@@ -129,8 +129,9 @@ def test_the_fleet_authenticates_to_a_broker_with_passwords(make_broker, make_li
     make_link("dev-1", url=b.url, username="dev-1", password="d-secret", preinstall=[digits_bundle.path])
     fleet = make_fleet(b.url, username="fleet", password="f-secret")
     assert eventually(lambda: [d.id for d in fleet.devices() if d.online] == ["dev-1"])
+    fleet.stop()
     with pytest.raises(BrokerError, match="cannot connect"):
-        make_fleet(b.url, state=fleet.state_dir.parent / "other", username="fleet", password="wrong")
+        make_fleet(b.url, username="fleet", password="wrong")
 
 
 # --- inputs that travel compactly ------------------------------------------------------------------------
@@ -179,3 +180,48 @@ def test_an_int8_model_gets_inputs_quantised_once_by_the_fleet(broker, make_link
     as_pixels = fleet.run("digits", pixels, batch_size=16, timeout=120)
     assert as_pixels.input_encoding == ["uint8-normalized-on-device"] and as_pixels.input_bytes_per_sample == 64
     np.testing.assert_array_equal(as_pixels.outputs[0], by_fleet.outputs[0])
+
+
+# --- inputs and outputs by name ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def named_model(tmp_path_factory, signing_keys):
+    """A signed bundle ``named`` with two inputs of different dtypes (int32 ``token_ids``, float32
+    ``features``) and three outputs; the samples of a job in a ``.npz`` by input name, written in
+    the opposite of the model's input order; and what Keras answers for them, by output name."""
+    from converter import convert
+    from converter.source import keras
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    ids, feat = k.Input((6,), dtype="int32", name="token_ids"), k.Input((4,), name="features")
+    h = k.layers.Concatenate()([k.layers.GlobalAveragePooling1D()(k.layers.Embedding(20, 3)(ids)), feat])
+    model = k.Model([ids, feat], [k.layers.Dense(5)(h), k.layers.Dense(2, activation="softmax")(h), k.layers.Dense(3)(h)])
+    root = tmp_path_factory.mktemp("named")
+    model.save(root / "named.keras")
+    rng = np.random.default_rng(1)
+    x = {"token_ids": rng.integers(0, 20, (10, 6)).astype(np.int32), "features": rng.random((10, 4), dtype=np.float32)}
+    np.savez(root / "eval.npz", **x)
+    res = convert(root / "named.keras", target="cpu", quantize="none", eval_data=root / "eval.npz",
+                  key=signing_keys.private, output=root / "named.edgebundle", runs=3, name="named")
+    assert [t["key"] for t in res.manifest.inputs] == ["token_ids", "features"]
+    np.savez(root / "job.npz", features=x["features"], token_ids=x["token_ids"])  # not the model's order
+    expected = dict(zip(("output_0", "output_1", "output_2"), model.predict(x, verbose=0)))
+    return res.bundle_path, root / "job.npz", expected
+
+
+def test_a_job_with_named_inputs_of_two_dtypes_gives_named_outputs(broker, make_link, make_fleet, eventually,
+                                                                   named_model, tmp_path) -> None:
+    bundle, job_input, expected = named_model
+    make_link("n-0", preinstall=[bundle])
+    fleet = make_fleet(broker.url)
+    fleet.add_bundle(bundle)  # the fleet reads the .npz by the manifest's input names
+    assert eventually(lambda: any(d.online for d in fleet.devices()))
+    result = fleet.run("named", job_input, batch_size=4, timeout=120, output=tmp_path / "out.npz")
+    from sdk.bundle import Bundle
+
+    outputs = Bundle.open(bundle).manifest.outputs  # TFLite's order, not Keras's
+    assert [o.shape for o in result.outputs] == [(10, *t["shape"][1:]) for t in outputs]
+    written = np.load(tmp_path / "out.npz")
+    assert sorted(written.files) == sorted(expected)
+    for name, want in expected.items():  # each output under its own name, as Keras computes it
+        np.testing.assert_allclose(written[name], want, atol=1e-5)

@@ -131,6 +131,20 @@ def test_a_thousand_simulated_devices_register_and_take_a_rollout(broker, make_f
     assert eventually(lambda: all(d.models == {"digits": "2"} for d in fleet.devices()), timeout=30)
 
 
+def test_presence_of_thousands_of_devices_needs_no_broker_tuning(make_broker, make_fleet, make_sims, eventually) -> None:
+    """Mosquitto as installed queues at most 1,000 QoS-1 messages per client; the retained
+    statuses of 3,000 devices reach a fleet that starts after them all the same."""
+    broker = make_broker(defaults=True)
+    make_sims(3000, broker.url, models={"noop": "1"}, per_connection=250, announce_interval=60)
+    fleet = make_fleet(broker.url)
+    assert eventually(online(fleet, 3000), timeout=120)
+    fleet.stop()
+    with fleet.database() as db:  # forget it all: a restarted controller learns presence again
+        db.execute("UPDATE devices SET online = 0")
+    fleet.start()
+    assert eventually(online(fleet, 3000), timeout=120)
+
+
 # --- delta updates -----------------------------------------------------------------------------------
 def _random_bundle(path, version, model: bytes, key):
     """A signed bundle whose model file is ``model`` (simulated devices install it, never run it)."""
@@ -171,19 +185,19 @@ def test_updates_travel_as_deltas_only_when_smaller_and_the_fleet_records_what_d
     roll(paths[1])
     assert all(sims.installs(d)[-1] == ("2", "delta") for d in sims.ids)
     assert fleet.stats["delta_installs"] == 3
-    with fleet._db() as db:
+    with fleet.database() as db:
         deltas = {(r["base"], r["target"]): dict(r) for r in db.all("SELECT * FROM deltas")}
     small = deltas[(sha1, sha2)]
     assert small["size"] < small["full_size"] / 10  # made once, for three devices
     assert eventually(lambda: all({sha1, sha2} <= set(d.bundles) for d in fleet.devices()))  # active and previous
     roll(paths[2])  # unrelated: a delta saves only the zip's headers (< 10 % of the bundle), so it goes whole
     assert all(sims.installs(d)[-1] == ("3", "full") for d in sims.ids)
-    with fleet._db() as db:
+    with fleet.database() as db:
         big = [dict(r) for r in db.all("SELECT * FROM deltas WHERE target = ?", (sha3,))]
     assert big and all(r["size"] > MAX_RATIO * r["full_size"] for r in big)
     assert fleet.stats["delta_installs"] == 3 and fleet.stats["delta_fallbacks"] == 0
     assert eventually(lambda: all(set(d.bundles) == {sha2, sha3} for d in fleet.devices()))  # version 1 pruned
-    with fleet._db() as db:  # the rule itself, on the recorded delta 2 -> 3 of the first device
+    with fleet.database() as db:  # the rule itself, on the recorded delta 2 -> 3 of the first device
         db.execute("DELETE FROM device_bundles WHERE device = ? AND sha256 != ?", (sims.ids[0], sha2))
         db.execute("UPDATE deltas SET size = full_size + 1 WHERE base = ? AND target = ?", (sha2, sha3))
         assert fleet.deltas.choose(db, sims.ids[0], sha3, "blob", 0.0) is None  # bigger than the bundle
@@ -232,7 +246,8 @@ def test_chunks_flow_within_the_window_and_a_lost_chunk_is_asked_for_again(broke
     fleet = make_fleet(broker.url)
     assert eventually(online(fleet, 2))
     asked, lost = [], []
-    chunks_for, publish = fleet._chunks_for, fleet._publish
+    engine = fleet.engine
+    chunks_for, publish = engine._chunks_for, engine._publish
 
     def record(req):
         asked.append((req.device, list(req.indices)))
@@ -244,7 +259,7 @@ def test_chunks_flow_within_the_window_and_a_lost_chunk_is_asked_for_again(broke
             return True
         return publish(topic, payload, qos)
 
-    fleet._chunks_for, fleet._publish = record, lossy
+    engine._chunks_for, engine._publish = record, lossy
     rid = fleet.deploy(big, devices=sims.ids, canary=2)
     view = fleet.wait_rollout(rid, timeout=60)
     assert view.state == "SUCCEEDED" and view.counts["SUCCEEDED"] == 2 and lost == [3]

@@ -177,3 +177,87 @@ def test_manifest_names_and_versions_are_ids(key: str, value: object) -> None:
     assert Manifest(man).name == "m"
     with pytest.raises(BundleInvalidError, match=f"manifest {key} .* cannot name a model on devices"):
         Manifest({**man, key: value})
+
+
+# --- zip bombs: nothing is inflated beyond what is allowed, whatever the zip declares ----------------
+
+BOMB = 64 * 1024 * 1024  # what each hostile member inflates to; the bundle itself is ~64 KB
+
+
+def bomb_zip(members: dict) -> bytes:
+    """A zip whose members are ``name -> bytes`` or ``name -> int`` (that many spaces inside a JSON
+    string, streamed in so building it does not allocate them)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in members.items():
+            with zf.open(name, "w") as out:
+                if isinstance(body, bytes):
+                    out.write(body)
+                    continue
+                out.write(b'{"pad": "')
+                chunk = b" " * (1024 * 1024)
+                for _ in range(body // len(chunk)):
+                    out.write(chunk)
+                out.write(b'"}')
+    return buf.getvalue()
+
+
+def declare_size(raw: bytes, name: str, size: int) -> bytes:
+    """Make the central directory lie: ``name`` declares ``size`` uncompressed bytes."""
+    data = bytearray(raw)
+    pos = data.find(b"PK\x01\x02")
+    while data[pos + 46: pos + 46 + len(name)] != name.encode():  # the central entry naming ``name``
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    data[pos + 24: pos + 28] = size.to_bytes(4, "little")  # its uncompressed size
+    return bytes(data)
+
+
+def small_manifest(model_size: int) -> bytes:
+    return json.dumps({"schema": "edgesdk.bundle/1", "name": "m", "version": "1", "created_at": "2026-01-01",
+                       "target": "cpu", "model_file": MODEL_NAME, "inputs": [], "outputs": [],
+                       "files": {MODEL_NAME: {"sha256": "0" * 64, "size": model_size}}}).encode()
+
+
+def refused_within(raw: bytes, match: str, *, read_model: bool = False) -> int:
+    """Open ``raw`` as a bundle (and read its model), expect BundleInvalidError; return the peak
+    number of bytes Python allocated meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleInvalidError, match=match):
+            bundle = Bundle(raw, source="bomb.edgebundle")
+            if read_model:
+                bundle.read(MODEL_NAME)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "signature.json"])
+def test_huge_metadata_is_refused_before_it_is_inflated(name) -> None:
+    members = {"manifest.json": small_manifest(4), name: BOMB}
+    raw = bomb_zip(members)
+    assert len(raw) < BOMB // 100
+    peak = refused_within(raw, rf"{name} declares {BOMB + 11} bytes, more than the 1048576 allowed")
+    assert peak < BOMB // 16, peak
+
+
+def test_member_larger_than_its_manifest_entry_is_refused_before_it_is_inflated() -> None:
+    raw = bomb_zip({"manifest.json": small_manifest(4), MODEL_NAME: BOMB})
+    peak = refused_within(raw, rf"{MODEL_NAME} declares {BOMB + 11} bytes, more than the 4 allowed", read_model=True)
+    assert peak < BOMB // 16, peak
+
+
+def test_member_whose_zip_header_lies_about_its_size_inflates_no_further() -> None:
+    lying_manifest = declare_size(bomb_zip({"manifest.json": BOMB}), "manifest.json", 100)
+    assert refused_within(lying_manifest, "manifest.json cannot be read") < BOMB // 16
+    lying_model = declare_size(bomb_zip({"manifest.json": small_manifest(100), MODEL_NAME: BOMB}), MODEL_NAME, 100)
+    assert refused_within(lying_model, f"{MODEL_NAME} cannot be read", read_model=True) < BOMB // 16
+
+
+def test_manifest_entry_without_a_valid_size_is_refused() -> None:
+    manifest = json.loads(small_manifest(4))
+    manifest["files"][MODEL_NAME]["size"] = "4"
+    with pytest.raises(BundleInvalidError, match="no valid size for model.tflite"):
+        Bundle(bomb_zip({"manifest.json": json.dumps(manifest).encode(), MODEL_NAME: b"TFL3"})).read(MODEL_NAME)

@@ -84,6 +84,51 @@ def test_task_frames_with_arbitrary_specs_and_headers(specs: list, data: bytes, 
         np.testing.assert_array_equal(a, b)
 
 
+def _task_result_frame() -> bytes:
+    """A valid binary TaskResult frame (two samples of one float output)."""
+    return valid_messages()[p.TaskResult].to_payload()
+
+
+@SETTINGS
+@given(st.lists(TENSOR_SPECS | JSON_VALUES, max_size=3), st.binary(max_size=600),
+       st.dictionaries(st.sampled_from(sorted(p.TaskResult.CHECKS) + ["type", "schema", "extra"]), JSON_VALUES,
+                       max_size=2))
+def test_task_result_frames_with_arbitrary_specs_and_headers(specs: list, data: bytes, changes: dict) -> None:
+    head, _ = p._unframe(_task_result_frame(), p.TaskResult.TYPE)
+    frame = p._frame({**head, "outputs": specs, **changes}, data)
+    try:
+        result = p.TaskResult.from_payload(frame)
+    except ProtocolError:
+        assert _decode_only_protocol_errors(frame) is None  # decode() refuses it the same way
+        return
+    assert sum(a.nbytes for a in result.outputs) == len(data)
+    assert all(a.dtype.name in p.TENSOR_DTYPES for a in result.outputs)
+    assert _decode_only_protocol_errors(frame) == result  # and it re-encodes to itself
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "header_length"]), st.integers(0, 10 ** 6),
+                          st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))
+def test_mutated_task_result_frames(mutations: list) -> None:
+    frame = bytearray(_task_result_frame())
+    for kind, at, junk in mutations:
+        i = at % (len(frame) + 1)
+        if kind == "flip" and i < len(frame):
+            frame[i] ^= junk[0] or 0xFF
+        elif kind == "cut":
+            del frame[i:]
+        elif kind == "insert":
+            frame[i:i] = junk
+        elif kind == "header_length" and len(frame) >= 9:  # the frame's own count of header bytes lies
+            frame[5:9] = (at % (2 ** 32)).to_bytes(4, "big")
+    raw = bytes(frame)
+    _decode_only_protocol_errors(raw)
+    try:
+        p.TaskResult.from_payload(raw)
+    except ProtocolError:
+        pass
+
+
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["bundle_sha256", "index", "count", "sha256", "type"]), JSON_VALUES,
                        max_size=3), st.binary(max_size=64))

@@ -5,7 +5,8 @@ auto --max-accuracy-drop 1``) and signs it, starts N agents as separate processe
 own state directories, deploys version 1 to all of them, deploys a pruned version 2 with a
 canary stage, runs the digits test set as a distributed job, prints accuracy, samples/s,
 per-device share and efficiency, and stops everything it started. Needs the ``converter``
-extra (TensorFlow, to train and convert) besides ``agent`` and ``fleet``.
+extra (TensorFlow, to train and convert) besides ``agent`` and ``fleet``: it lives above every role,
+in the package of the ``edgesdk`` command, and is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import click
 import numpy as np
 
 from sdk.errors import FleetError
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "run_demo", "demo_command"]
 
 
 @dataclass
@@ -53,10 +55,9 @@ def run_demo(*, devices: int = 3, broker: Optional[str] = None, keep: bool = Fal
     """Run the demo; raise an EdgeSdkError naming the step that failed."""
     from converter import convert
     from converter.digits import load_digits_split, train_digits_cnn
+    from fleet import Fleet
+    from fleet.broker import EmbeddedBroker
     from sdk.signing import generate_keys
-
-    from .broker import EmbeddedBroker
-    from .service import Fleet
 
     if devices < 1:
         raise FleetError("--devices must be at least 1")
@@ -191,7 +192,7 @@ def _start_agents(work: Path, url: str, public: Path, n: int) -> list[subprocess
         path = work / f"{name}.toml"
         path.write_text(cfg.to_toml())
         log = open(work / f"{name}.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "sdk", "agent", "run", "--config", str(path)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "edgesdk", "agent", "run", "--config", str(path)],
                                       stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}))
         log.close()
     return procs
@@ -293,3 +294,23 @@ def _job_chart(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- demo ------------------------------------------------------------------------------------------
+@click.command("demo")
+@click.option("--devices", type=int, default=3, show_default=True, help="Agents to start (separate processes).")
+@click.option("--broker", default=None, help="Use this broker (mqtt://...) instead of an embedded one.")
+@click.option("--keep", is_flag=True, help="Leave the broker and agents running and print how to talk to them.")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.md with PNG charts (conversion per recipe, job throughput per device).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the model, bundles, keys, agent state and logs here (default: a new temporary directory).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs for the digits CNN.")
+def demo_command(devices: int, broker: Optional[str], keep: bool, report_dir: Optional[str], work_dir: Optional[str],
+                 epochs: int) -> None:
+    """The whole product in a few minutes: train, convert, sign, serve on N agents, roll out a
+    version 2 with a canary, and run the digits test set across the fleet."""
+    result = run_demo(devices=devices, broker=broker, keep=keep, report_dir=Path(report_dir) if report_dir else None,
+                      work_dir=Path(work_dir) if work_dir else None, epochs=epochs, echo=lambda s: click.echo(s))
+    click.echo(f"demo finished: accuracy {100 * result.accuracy:.2f}% across {len(result.job.devices)} agents; "
+               f"files in {result.work_dir}")

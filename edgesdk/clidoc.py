@@ -1,6 +1,6 @@
 """Generate ``docs/cli.md``, the CLI reference, from the click commands themselves.
 
-    python -m sdk.clidoc > docs/cli.md
+    python -m edgesdk.clidoc > docs/cli.md
 
 A test regenerates it and fails when the committed file is stale.
 """
@@ -27,7 +27,7 @@ def render() -> str:
     from .cli import cli
 
     out = ["# edgesdk CLI reference", "",
-           "Generated from the click commands by `python -m sdk.clidoc > docs/cli.md`; a test fails when it is stale.", ""]
+           "Generated from the click commands by `python -m edgesdk.clidoc > docs/cli.md`; a test fails when it is stale.", ""]
     for path, cmd, ctx in _walk(cli, ["edgesdk"], None):
         out += [f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`", "", "```", cmd.get_help(ctx).rstrip(), "```", ""]
     return "\n".join(out)
