@@ -21,7 +21,7 @@ Example (``edgesdk agent install`` writes one like it)::
     heartbeat_interval = 30.0             # seconds
     outbox_max = 10000                    # durable messages held while the fleet is unreachable
     work_slots = 0                        # fleet batch tasks run at once; 0 = pool_size
-    prefetch = 4                          # fleet batch tasks held queued beyond those running (0..64)
+    prefetch = 4                          # fleet batch tasks held queued beyond those running, at least (0..64; 0 = none)
     max_bundle_bytes = 536870912          # larger bundles are refused before any chunk is written (512 MiB)
     max_task_bytes = 67108864             # bytes of large tasks' pieces held for reassembly at once (64 MiB)
     local_api_max_connections = 64        # local API connections at once; more are refused with an error

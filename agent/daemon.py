@@ -39,6 +39,7 @@ from sdk.runtime import DelegateOptions, Runtime, available_delegates, find_runt
 from sdk.signing import load_public_keys
 
 from .config import AgentConfig
+from .desired import DesiredState
 from .installer import PreparedInstall, compare_latency, prepare_install
 from .localapi import LocalApiServer
 from .metrics import MetricsServer, prometheus_text
@@ -59,6 +60,11 @@ class Agent:
         if not config.trusted_keys:
             log.warning("no trusted_keys configured: every bundle will be refused")
         self.trusted = load_public_keys(config.trusted_keys)
+        #: the fleet's desired configuration, kept in the state dir (agent.desired): its settings
+        #: take the place of the file's from the start, before any model loads
+        self.desired = DesiredState.load(config.state_dir, config)
+        for key in ("tags", "threads", "pool_size", "heartbeat_interval", "work_slots"):
+            setattr(config, key, self.desired.effective(key))
         self.options = DelegateOptions(
             num_threads=config.threads,
             gpu_delegate_path=config.gpu_delegate_path or None,
@@ -82,6 +88,7 @@ class Agent:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, *, local_api: bool = True) -> "Agent":
         self.load_active()
+        self.desired.apply(self)  # models pinned to a version
         if local_api:
             self._local = LocalApiServer(self.config.socket_path, self.predict, self.models, self._rollback_summary,
                                          model=self.model, max_connections=self.config.local_api_max_connections,
@@ -214,6 +221,10 @@ class Agent:
         with self._install_lock:
             prepared = self._prepare(raw, source)
             name, version = prepared.name, prepared.version
+            pinned = self.desired.pinned(name)
+            if pinned is not None and pinned != version:
+                raise InstallError(f"{name} is pinned to version {pinned} by the fleet's desired configuration: "
+                                   f"{version} refused (edgesdk fleet config unset models.{name} lifts the pin)")
             if expected is not None and (name, version) != tuple(expected):
                 raise InstallError(f"the bundle is {name}@{version}, the install command named "
                                    f"{expected[0]}@{expected[1]}: refused (check the rollout's model and version)")
@@ -309,6 +320,26 @@ class Agent:
         log.info("rolled %s back from %s to %s", name, current, target)
         return {**prepared.summary(), "previous": current}
 
+    def reload_models(self) -> None:
+        """Load every active model again with the current threads and pool size and swap each in
+        as an install does (requests go on meanwhile); the first failure is raised, the models
+        before it swapped, the others left as they were."""
+        with self._install_lock:
+            for name, version in sorted(self.active_versions().items()):
+                prepared = self._prepare(self.store.bundle_path(name, version).read_bytes(), f"{name}@{version}")
+                with self._lock:
+                    self._models[name] = prepared.model
+
+    def apply_config(self, cmd: "proto.ConfigCommand") -> str:
+        """Apply and keep the fleet's desired configuration (see :mod:`agent.desired`); returns the
+        note of what could not be applied. A command older than the one applied changes nothing."""
+        if cmd.revision <= self.desired.revision:
+            return self.desired.note
+        self.desired.accept(cmd)
+        note = self.desired.apply(self)
+        log.info("desired configuration revision %d applied%s", cmd.revision, f" ({note})" if note else "")
+        return note
+
     def _rollback_summary(self, name: str) -> dict[str, Any]:
         return self.rollback(name)
 
@@ -345,6 +376,9 @@ class Agent:
             "models": self.active_versions(),
             "tags": dict(self.config.tags),
             "free_disk_bytes": shutil.disk_usage(self.store.root).free,
+            "config": self.desired.reported(self),
+            "config_revision": self.desired.revision,
+            "config_note": self.desired.note,
         }
 
 

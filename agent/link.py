@@ -38,9 +38,8 @@ the durable outbox sender.
   a task runs as one batch (:meth:`agent.serving.ActiveModel.predict_batch`: one ``invoke`` where
   the model's batch dimension is dynamic). Each :class:`~sdk.protocol.TaskResult` (a binary
   frame) goes through the outbox; results that finish while the last ones are being written are
-  stored together, in one transaction, by a writer thread, without a sync to disk of their own
-  (a result lost to a power cut is a task the fleet re-dispatches). A full outbox announces zero
-  free slots.
+  stored together, in one transaction, and published at once by a writer thread. A full outbox
+  announces zero free slots.
 * Outbox sender: publishes what the outbox holds, again after every reconnect, whenever a new
   fleet session appears on the fleet's presence topic, and after ``resend_after`` seconds
   without an ack.
@@ -215,6 +214,7 @@ class AgentLink:
             delegates=self.agent.delegates(), models=d["models"], tags=d["tags"],
             free_disk_bytes=int(d["free_disk_bytes"]), accepting_work=not self.outbox.full,
             bundles=sorted(self.agent.store.held())[: proto.MAX_HELD_BUNDLES],
+            config=d["config"], config_revision=d["config_revision"], config_note=d["config_note"],
         )
 
     def publish_status(self) -> None:
@@ -361,11 +361,7 @@ class AgentLink:
                     return
             sending = self.conn is not None and self.conn.connected.is_set()
             try:
-                # no sync to disk of their own: a result lost to a power cut is a task the fleet
-                # re-dispatches (its lease ends, or the Last-Will puts it back), and the sync was
-                # a quarter of an agent's round trip between a result and its next task
-                self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch], durable=False,
-                                     sending=sending)
+                self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch], sending=sending)
                 if sending:  # published from here: no read back from the outbox by the sender thread
                     self._send_stored(batch)
             except BackpressureError as exc:  # stored one by one: as many as fit, the rest re-dispatched
@@ -395,8 +391,7 @@ class AgentLink:
         self.announce_work()
 
     def _heartbeats(self) -> None:
-        interval = self.agent.config.heartbeat_interval
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.agent.config.heartbeat_interval):  # desired state may change it
             hb = proto.Heartbeat(
                 device=self.device, uptime_s=time.time() - self.agent.started_at,
                 models={m["name"]: {"version": m["active"], **(m["stats"] or {})} for m in self.agent.models()},
@@ -497,8 +492,25 @@ class AgentLink:
             self._on_install(msg)
         elif isinstance(msg, proto.RollbackCommand):
             self._installs.submit(self._do_rollback, msg)
+        elif isinstance(msg, proto.ConfigCommand):
+            self._installs.submit(self._do_config, msg)  # one at a time with installs and rollbacks
         else:
             raise ProtocolError(f"a {msg.TYPE} message is not a command")
+
+    def _do_config(self, cmd: proto.ConfigCommand) -> None:
+        """Apply the fleet's desired configuration (:mod:`agent.desired`), then say what runs now."""
+        try:
+            self.agent.apply_config(cmd)
+        except Exception:  # a bug must not stop the command worker; the status says what runs
+            log.exception("desired configuration revision %d could not be applied", cmd.revision)
+        cfg = self.agent.config
+        capacity = cfg.work_slots or cfg.pool_size
+        if capacity != self.capacity:  # from the next task on (running ones finish where they are)
+            old, self._tasks = self._tasks, ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="edgesdk-task")
+            self.capacity = capacity
+            old.shutdown(wait=False)
+        self.publish_status()
+        self.announce_work()
 
     def _on_fleet_status(self, msg: proto.FleetStatus) -> None:
         if msg.online and msg.session != self._fleet_session:
@@ -540,6 +552,11 @@ class AgentLink:
         if self.agent.store.active(cmd.model) == cmd.version:
             self._report("SUCCEEDED", cmd.model, cmd.version, "already active", cmd.rollout,
                          self.agent.store.previous(cmd.model))
+            return
+        pinned = self.agent.desired.pinned(cmd.model)
+        if pinned is not None and pinned != cmd.version:  # refused before anything is fetched
+            self._report("FAILED", cmd.model, cmd.version, f"{cmd.model} is pinned to version {pinned} by the fleet's "
+                         "desired configuration", cmd.rollout)
             return
         if not self.agent.runtime.supports(cmd.min_runtime_version):
             rt = self.agent.runtime

@@ -82,15 +82,12 @@ class Outbox:
         """Store a message durably; raise BackpressureError when the outbox is full."""
         self.put_many([(msg_id, topic, payload)])
 
-    def put_many(self, messages: Sequence[tuple[str, str, bytes]], *, durable: bool = True,
-                 sending: bool = False) -> None:
-        """Store ``(id, topic, payload)`` messages in one transaction (one sync to disk for all of
-        them), all or none. Raises BackpressureError when they do not all fit. ``durable=False``:
-        no sync to disk of their own (they survive the agent being killed, not a power cut; the
-        next durable commit syncs them too): for messages the fleet can do without, such as task
-        results, whose tasks it re-dispatches when no result comes. ``sending``: the caller
-        publishes them itself right after this returns, so they are stored as sent now (due
-        again after ``resend_after``, or at once after a reconnect, :meth:`reset_sent`)."""
+    def put_many(self, messages: Sequence[tuple[str, str, bytes]], *, sending: bool = False) -> None:
+        """Store ``(id, topic, payload)`` messages durably in one transaction (one sync to disk for
+        all of them: what lets an agent keep up with small tasks); all or none. Raises
+        BackpressureError when they do not all fit. ``sending``: the caller publishes them itself
+        right after this returns (no read back by the sender thread), so they are stored as sent
+        now: due again after ``resend_after``, or at once after a reconnect (:meth:`reset_sent`)."""
         if not messages:
             return
         now = self.clock()
@@ -103,7 +100,7 @@ class Outbox:
                     "the fleet has not acknowledged results, so no new work is accepted until it does"
                 )
             self._many("INSERT OR IGNORE INTO outbox (id, topic, payload, created, sent_at, attempts) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", [(i, t, p, now, sent_at, attempts) for i, t, p in messages], durable)
+                       "VALUES (?, ?, ?, ?, ?, ?)", [(i, t, p, now, sent_at, attempts) for i, t, p in messages])
         if not sending:
             self.changed.set()
 
@@ -111,9 +108,8 @@ class Outbox:
         """``executemany`` in one transaction (autocommit would sync once per row); under ``_lock``.
         ``durable=False`` skips the sync to disk for this commit: for bookkeeping whose loss in a
         power cut only means a message is sent again (send times, acknowledged deletions; the
-        fleet de-duplicates) and for task results; the next durable commit syncs it along with
-        its own. (``NORMAL``, not ``OFF``: in WAL mode NORMAL cannot corrupt the database in a
-        power cut, OFF can.)"""
+        fleet de-duplicates); the next durable commit syncs it along with its own. (``NORMAL``,
+        not ``OFF``: in WAL mode NORMAL cannot corrupt the database in a power cut, OFF can.)"""
         if not durable:
             self._db.execute("PRAGMA synchronous=NORMAL")
         try:

@@ -238,8 +238,9 @@ def main() -> int:
                              output=tmp / "landmark.edgebundle", runs=3, input_normalization=(1 / 255, 0.0)).bundle_path
             images = np.random.default_rng(0).integers(0, 256, (args.landmark_samples, 64, 64, 3), dtype=np.uint8)
             label = f"landmark CNN 64x64x3 float32, width {width}, two outputs"
-            cases += [Case("landmark", label, bundle, images, args.batch_size, 4, True, "uint8 images, x/255 on the device"),
-                      Case("landmark", label, bundle, images, args.batch_size, 0, True, "uint8 images, x/255 on the device"),
+            wire = "uint8 images, x/255 on the device"
+            cases += [Case("landmark", label, bundle, images, args.batch_size, 4, True, wire),
+                      Case("landmark", label, bundle, images, args.batch_size, 0, True, wire),
                       Case("landmark", label, bundle, (images / np.float32(255)).astype(np.float32), args.batch_size, 4,
                            False, "float32")]
         broker = EmbeddedBroker("mosquitto").start()

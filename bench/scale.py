@@ -11,7 +11,9 @@ only drives the fleet through its Python API (deploy, run) as ``edgesdk fleet`` 
 2. Registration: the devices start; time until the fleet lists them all online.
 3. A staged rollout of a ``--bundle-mib`` bundle to all of them (100 canaries, then 25 % stages,
    no rate limit): wall time, and its bytes per second against the raw transfer rate.
-4. A job of ``--samples`` samples in tasks of ``--batch`` across them: tasks/s, samples/s.
+4. A job of ``--samples`` samples in tasks of ``--batch`` across them: tasks/s, samples/s; beside
+   it, the same controller's job over 4 devices (run before the others arrive): if dispatch
+   cost grew with the fleet, the tasks/s of the large job would fall below the small one's.
 
 For each step: wall time, the controller's CPU seconds and peak RSS (VmHWM: the highest so far),
 and the messages per second the controller received and sent (its ``/metrics``).
@@ -124,34 +126,52 @@ def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace, bun
             time.sleep(0.2)
         time.sleep(2)  # its HTTP server
 
+        def simulate(count: int, prefix: str, group: str) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "edgesdk", "fleet", "--broker", url, "simulate", str(count),
+                                     "--model", "noop=1", "--infer-ms", "0", "--prefetch", "1", "--prefix", prefix,
+                                     "--tag", f"group={group}"],
+                                    stdout=subprocess.DEVNULL, stderr=open(tmp / f"sims-{backend}.log", "ab"))
+
+        def online() -> int:
+            return sum(1 for d in fleet.devices() if d.online)
+
         def register() -> dict[str, Any]:
             nonlocal sims
-            sims = subprocess.Popen([sys.executable, "-m", "edgesdk", "fleet", "--broker", url, "simulate",
-                                     str(args.devices), "--model", "noop=1", "--infer-ms", "0", "--prefetch", "1"],
-                                    stdout=subprocess.DEVNULL, stderr=open(tmp / f"sims-{backend}.log", "ab"))
-            while sum(1 for d in fleet.devices() if d.online) < args.devices:
+            sims = simulate(args.devices, "sim", "all")
+            while online() < args.devices + 4:
                 if sims.poll() is not None:
                     raise RuntimeError(f"the simulated devices exited: see {tmp}/sims-{backend}.log")
                 time.sleep(1.0)
             return {"devices": args.devices}
+
+        def job_on(group: str, samples: int) -> Callable[[], dict[str, Any]]:
+            def run() -> dict[str, Any]:
+                x = np.random.default_rng(1).random((samples, 16), dtype=np.float32)
+                result = fleet.run("noop", x, batch_size=args.batch, to={"group": group}, timeout=3600)
+                np.testing.assert_array_equal(result.outputs[0], x[:, :4])  # every sample answered, in order
+                return {"tasks": result.tasks, "samples_per_s": result.samples_per_s, "retries": result.retries,
+                        "devices_used": len(result.devices)}
+            return run
 
         def rollout() -> dict[str, Any]:
             rid = fleet.deploy(bundle, to={"sim": "1"}, canary=100, batch_percent=25, max_per_minute=10 ** 6,
                                timeout=3600)
             view = fleet.wait_rollout(rid, poll=1.0)
             size = bundle.stat().st_size
-            return {"state": view.state, "succeeded": view.counts["SUCCEEDED"], "bytes": size * args.devices}
+            return {"state": view.state, "succeeded": view.counts["SUCCEEDED"], "bytes": size * (args.devices + 4)}
 
-        def job() -> dict[str, Any]:
-            x = np.random.default_rng(1).random((args.samples, 16), dtype=np.float32)
-            result = fleet.run("noop", x, batch_size=args.batch, timeout=3600)
-            np.testing.assert_array_equal(result.outputs[0], x[:, :4])  # every sample answered, in order
-            return {"tasks": result.tasks, "samples_per_s": result.samples_per_s, "retries": result.retries,
-                    "devices_used": len(result.devices)}
-
-        rows.append(step("registration", controller, register))
-        rows.append(step("rollout", controller, rollout))
-        rows.append(step("job", controller, job))
+        few = simulate(4, "few", "few")
+        try:
+            while online() < 4:
+                time.sleep(0.5)
+            # the same controller's dispatch with 4 devices, before the 10,000 arrive: the baseline of its cost
+            rows.append(step("job on 4 devices", controller, job_on("few", min(args.samples, 8000))))
+            rows.append(step("registration", controller, register))
+            rows.append(step("rollout", controller, rollout))
+            rows.append(step(f"job on {args.devices:,} devices", controller, job_on("all", args.samples)))
+        finally:
+            few.send_signal(signal.SIGTERM)
+            few.wait(60)
         for r in rows:
             r["backend"] = backend
     finally:
@@ -210,7 +230,7 @@ def main() -> int:
     for r in rows:
         if r["step"] == "rollout":
             versus = f"{r['bytes'] / r['wall_s'] / 2 ** 20:,.0f} MiB/s = {r['bytes'] / r['wall_s'] / chunk_rate:.2f} of raw"
-        elif r["step"] == "job":
+        elif r["step"].startswith("job"):
             versus = f"{r['tasks'] / r['wall_s']:,.0f} tasks/s = {(r['tasks'] * 2 / r['wall_s']) / rate:.2f} of raw msg/s"
         else:
             versus = f"{r['in_per_s'] / rate:.2f} of raw msg/s"

@@ -160,7 +160,7 @@ def devices_command(ctx: click.Context, tags: tuple[str, ...], as_json: bool) ->
         click.echo("no devices known yet (agents announce themselves when they connect)")
         return
     click.echo(f"{'DEVICE':<18} {'STATE':<14} {'AGENT':<10} {'RUNTIME':<22} {'DELEGATES':<12} {'MODELS':<20} "
-               f"{'P50 ms':>7} {'REQ':>6} {'ERR':>4}  TAGS")
+               f"{'P50 ms':>7} {'REQ':>6} {'ERR':>4} {'CONFIG':<8}  TAGS")
     for d in devices:
         state = f"{'online' if d.online else 'offline'} {_ago(d.since)}"
         rt = f"{d.runtime.get('name', '?')} {d.runtime.get('version', '')}".strip()
@@ -168,8 +168,68 @@ def devices_command(ctx: click.Context, tags: tuple[str, ...], as_json: bool) ->
         hb = next(iter(d.heartbeat.values()), {}) if d.heartbeat else {}
         p50 = f"{hb['p50_ms']:.3f}" if hb.get("count") else "-"  # no request since the model was loaded
         click.echo(f"{d.id:<18} {state:<14} {d.agent_version:<10} {rt:<22} {','.join(d.delegates):<12} {models:<20} "
-                   f"{p50:>7} {hb.get('requests', '-')!s:>6} {hb.get('errors', '-')!s:>4}  "
+                   f"{p50:>7} {hb.get('requests', '-')!s:>6} {hb.get('errors', '-')!s:>4} {d.config_state:<8}  "
                    f"{','.join(f'{k}={v}' for k, v in sorted(d.tags.items()))}")
+    drifting = [d for d in devices if d.config_state in ("drift", "pending")]
+    for d in drifting:  # where what a device runs differs from what is desired
+        what = ", ".join(f"{k} {v['reported']!r} (desired {v['desired']!r})" for k, v in sorted(d.drift.items()))
+        note = f"; {d.config_note}" if d.config_note else ""
+        click.echo(f"  {d.id}: {d.config_state}: {what or 'revision ' + str(d.desired_revision) + ' not applied yet'}"
+                   f"{note}")
+
+
+# --- desired configuration -----------------------------------------------------------------------------
+@fleet_group.group("config")
+def config_group() -> None:
+    """Desired configuration per device and per tag: tags, threads, pool_size, heartbeat_interval,
+    work_slots, and models pinned to a version (models.NAME=VERSION). The leading controller sends
+    it; agents apply it without a restart and report what they run (`fleet devices` shows drift)."""
+
+
+def _whose(device: Optional[str], tag: Optional[str]) -> dict[str, Optional[str]]:
+    return {"device": device, "tag": tag}
+
+
+@config_group.command("set")
+@click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--device", default=None, help="One device.")
+@click.option("--tag", default=None, metavar="K=V", help="Every device with this tag.")
+@click.pass_context
+def config_set_command(ctx: click.Context, settings: tuple[str, ...], device: Optional[str], tag: Optional[str]) -> None:
+    """Desire settings for a device or a tag (threads=2 tags.site=berlin models.digits=3)."""
+    from .desired import parse_settings
+
+    revision = _fleet(ctx).set_config(**_whose(device, tag), **parse_settings(settings))
+    click.echo(f"desired configuration revision {revision}")
+
+
+@config_group.command("unset")
+@click.argument("keys", nargs=-1, metavar="KEY...")
+@click.option("--device", default=None, help="One device.")
+@click.option("--tag", default=None, metavar="K=V", help="Every device with this tag.")
+@click.pass_context
+def config_unset_command(ctx: click.Context, keys: tuple[str, ...], device: Optional[str], tag: Optional[str]) -> None:
+    """Stop desiring settings (`threads`, `tags.site`, `models.digits`); no KEY: all of that entry."""
+    revision = _fleet(ctx).unset_config(*keys, **_whose(device, tag))
+    click.echo(f"desired configuration revision {revision}")
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def config_show_command(ctx: click.Context, as_json: bool) -> None:
+    """Every desired-configuration entry, per tag and per device."""
+    from sdk.cli import echo_json
+
+    entries = _fleet(ctx).configs()
+    if as_json:
+        echo_json([e.to_dict() for e in entries])
+        return
+    if not entries:
+        click.echo("no desired configuration (edgesdk fleet config set --device ID | --tag K=V KEY=VALUE...)")
+    for e in entries:
+        shown = " ".join(f"{k}={v}" for k, v in sorted(e.config.items())) or "(removed)"
+        click.echo(f"{e.scope:<6} {e.target:<24} revision {e.revision:<5} {shown}")
 
 
 # --- rollouts ------------------------------------------------------------------------------------

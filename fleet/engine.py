@@ -40,6 +40,7 @@ from sdk.mqtt import MqttConnection, MqttSettings
 from .bundlestore import BundleStore
 from .chunks import ChunkCache
 from .deltas import DeltaPlanner
+from .desired import ConfigSender
 from .jobs import JobController
 from .leader import LostLeadership
 from .registry import Registry, SpoofedMessage, read_device_message
@@ -109,6 +110,7 @@ class Engine:
                                           isolate=self.isolated, deltas=self.deltas)
         self.jobs = JobController(self.db, self.registry, self._send_task, self.clock, isolate=self.isolated,
                                   stats=self.stats, max_packet=self.max_packet, blobs=self.storage.blobs)
+        self.configs = ConfigSender(self.db, self._send_config)
         will = (proto.fleet_topic(), proto.FleetStatus(online=False, session=self.session).to_payload(), 1, True)
         # presence at QoS 0: a broker queues at most so many QoS-1 messages per client (Mosquitto:
         # max_queued_messages, 1000), and the retained statuses of 10,000 devices arrive in one
@@ -123,10 +125,13 @@ class Engine:
         return self
 
     def close(self) -> None:
-        """Say offline on the fleet's presence topic, disconnect, close the connection."""
+        """Disconnect (saying offline on the fleet's presence topic after a requested stop; not
+        after losing the lead, when the new leader's presence is the one that counts), close the
+        database connection."""
         if self.conn is not None:
             offline = (proto.fleet_topic(), proto.FleetStatus(online=False, session=self.session).to_payload(), 1, True)
-            self.conn.stop(publish_before=offline if self.conn.connected.is_set() else None)
+            say_offline = not self.ended and self.conn.connected.is_set()
+            self.conn.stop(publish_before=offline if say_offline else None)
             self.conn = None
         if self.db is not None:
             try:
@@ -239,6 +244,7 @@ class Engine:
             self.kick.clear()
             self.rollouts.tick()
             self.jobs.tick()
+            self.configs.tick()
             return now
         if busy:
             self.jobs.dispatch()
@@ -285,11 +291,16 @@ class Engine:
             log.warning("ignored a message on %s: %s", topic, exc)
             self.stats["malformed"] += 1
             return
+        handler = self.handlers.get(type(msg))
+        if handler is None:  # a command or an ack: the fleet sends those, devices do not
+            log.warning("ignored a %s from %s: devices do not send it", msg.TYPE, device)
+            self.stats["unexpected"] += 1
+            return
         self.stats[msg.TYPE] += 1
         self.db.savepoint("message")
         queued = len(self._outgoing)
         try:
-            self.handlers[type(msg)](device, msg, self.clock(), acks)
+            handler(device, msg, self.clock(), acks)
         except self.db.Unavailable:
             raise  # the database's fault, not the message's: the whole step is retried
         except Exception:  # one bad message must not undo the batch, nor come back forever
@@ -306,6 +317,7 @@ class Engine:
             self.rollouts.on_device_online(device)
         if not msg.online:
             self.jobs.on_device_offline(device)
+        self.configs.on_status(msg)
 
     def _on_heartbeat(self, device: str, msg: proto.Heartbeat, now: float, acks: dict[str, list[str]]) -> None:
         self.registry.on_heartbeat(msg, now)
@@ -389,6 +401,9 @@ class Engine:
         self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
 
     def _send_rollback(self, device: str, cmd: proto.RollbackCommand) -> None:
+        self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
+
+    def _send_config(self, device: str, cmd: proto.ConfigCommand) -> None:
         self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
 
     def _send_task(self, device: str, task_id: str, payload: bytes) -> None:

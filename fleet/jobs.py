@@ -74,6 +74,8 @@ __all__ = ["JobOptions", "JobSummary", "JobController", "OutputSpec", "create_jo
 FORMATS = ("npz", "jsonl")
 #: tasks one dispatch round sends a job at most (the devices it looks at are bounded by it too)
 ROUND_TASKS = 1024
+#: seconds after its dispatch a task that its device does not report having counts as lost
+LOST_AFTER_S = 10.0
 _HEADER_ALLOWANCE = 1024  # a task frame's JSON header and MQTT overhead
 _PIECE_HEADER = 200  # a task piece's frame header without its task id (index, count and total at their widest)
 
@@ -442,11 +444,37 @@ class JobController:
 
     # --- events -----------------------------------------------------------------------------------
     def on_work_request(self, msg: proto.WorkRequest) -> None:
+        if msg.done is not None:
+            self._reconcile(msg.device, set(msg.running) | set(msg.done))
         self._unready(msg.device)
         self.slots[msg.device] = slot = _Slots(msg.capacity, msg.free, dict(msg.models), msg.prefetch)
         if slot.free > 0:
             for model in slot.models:
                 self.ready[model][msg.device] = None
+
+    def _reconcile(self, device: str, has: set[str]) -> None:
+        """Put back in the queue the tasks leased to ``device`` that it does not have (neither held
+        nor finished): lost on the way (a broker that died with them in flight, a controller that
+        died between its commit and its publish). Only those leased :data:`LOST_AFTER_S` ago or
+        more: a task just sent may not have arrived when the device spoke."""
+        now = self.clock()
+        lost = []
+        for r in self.db.all("SELECT t.id, t.lease_until, j.options FROM tasks t JOIN jobs j ON j.id = t.job "
+                             "WHERE t.device = ? AND t.state = 'LEASED' AND j.state = 'RUNNING'", (device,)):
+            if r["id"] in has:
+                continue
+            try:
+                leased_at = float(r["lease_until"]) - float(loads(r["options"])["lease_s"])
+            except (ValueError, KeyError, TypeError):
+                continue  # an unreadable job: its own step fails it
+            if leased_at <= now - LOST_AFTER_S:
+                lost.append(r["id"])
+        if lost:
+            log.info("%d task(s) leased to %s never reached it: back in the queue", len(lost), device)
+            self.stats["lost_tasks"] += len(lost)
+            self.db.executemany("UPDATE tasks SET state = 'PENDING', device = NULL, lease_until = NULL, "
+                                "error = 'lost on the way to ' || ? WHERE id = ? AND state = 'LEASED'",
+                                [(device, t) for t in lost])
 
     def _unready(self, device: str) -> None:
         """``device`` gets no task until it announces free slots again."""

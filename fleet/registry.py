@@ -70,6 +70,17 @@ class DeviceInfo:
     heartbeat: dict[str, Any] = field(default_factory=dict)  # model -> {version, p50_ms, requests, errors, ...}
     heartbeat_at: Optional[float] = None
     bundles: list[str] = field(default_factory=list)  # sha256 of the bundles it reported holding
+    #: the configuration it reports running, the desired revision it applied, and its note on
+    #: what it could not apply; the fleet's desired configuration for it and where the two differ
+    #: (filled by :meth:`fleet.Fleet.devices`, see :mod:`fleet.desired`)
+    config: dict[str, Any] = field(default_factory=dict)
+    config_revision: int = 0
+    config_note: str = ""
+    desired: dict[str, Any] = field(default_factory=dict)
+    desired_revision: int = 0
+    drift: dict[str, Any] = field(default_factory=dict)
+    #: ``-`` (nothing desired), ``in sync``, ``pending`` (not applied yet) or ``drift``
+    config_state: str = "-"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +187,8 @@ def _info(row: Any, bundles: list[str]) -> DeviceInfo:
         agent_version=status.get("agent_version", ""), runtime=status.get("runtime", {}),
         delegates=status.get("delegates", []), models=status.get("models", {}), tags=loads(row["tags"]),
         accepting_work=status.get("accepting_work", True), heartbeat=hb.get("models", {}),
-        heartbeat_at=row["heartbeat_at"], bundles=bundles,
+        heartbeat_at=row["heartbeat_at"], bundles=bundles, config=status.get("config", {}),
+        config_revision=int(status.get("config_revision") or 0), config_note=status.get("config_note", ""),
     )
 
 

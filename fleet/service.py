@@ -42,6 +42,7 @@ from sdk.bundle import Bundle
 from sdk.errors import BundleError, FleetError, JobError, RolloutError
 from sdk.mqtt import MqttConnection, MqttSettings
 
+from . import desired as desired_mod
 from . import jobs as jobs_mod
 from . import rollout as rollout_mod
 from .bundlestore import BundleStore
@@ -217,9 +218,40 @@ class Fleet:
 
     # --- registry ---------------------------------------------------------------------------------
     def devices(self, tags: Any = None) -> list[DeviceInfo]:
-        """Known devices (optionally those whose tags match ``{"k": "v"}`` or ``"k=v,k=v"``)."""
+        """Known devices (optionally those whose tags match ``{"k": "v"}`` or ``"k=v,k=v"``), each
+        with its desired configuration and where what it reports differs."""
         with self.database() as db:
-            return Registry(db).list(parse_tags(tags))
+            found = Registry(db).list(parse_tags(tags))
+            all_entries = desired_mod.entries(db)
+        for d in found:
+            wanted = desired_mod.desired_for(all_entries, d.id, d.tags)
+            d.desired, d.desired_revision = wanted.config, wanted.revision
+            d.drift = desired_mod.drift(wanted.config, d.config)
+            d.config_state = desired_mod.config_state(d)
+        return found
+
+    # --- desired state -----------------------------------------------------------------------------
+    def set_config(self, *, device: Optional[str] = None, tag: Optional[str] = None, **settings: Any) -> int:
+        """Desire ``settings`` (:data:`sdk.protocol.CONFIG_FIELDS`) for a device or for every device
+        with a tag (``tag="site=berlin"``); returns the revision. The leading controller sends it."""
+        with self.database() as db:
+            revision = desired_mod.set_config(db, device=device, tag=tag, settings=settings, now=self.clock())
+        if self.engine is not None:
+            self.engine.wake()
+        return revision
+
+    def unset_config(self, *keys: str, device: Optional[str] = None, tag: Optional[str] = None) -> int:
+        """Stop desiring ``keys`` (``threads``, ``tags.site``, ``models.digits``; none: all of it)."""
+        with self.database() as db:
+            revision = desired_mod.unset_config(db, device=device, tag=tag, keys=keys, now=self.clock())
+        if self.engine is not None:
+            self.engine.wake()
+        return revision
+
+    def configs(self) -> list[desired_mod.ConfigEntry]:
+        """Every desired-configuration entry, per tag and per device."""
+        with self.database() as db:
+            return desired_mod.entries(db)
 
     def refresh_registry(self, seconds: float = 1.5) -> None:
         """Without a controller leading: read the retained presence of every device for a moment

@@ -70,6 +70,13 @@ class _Device:
     held: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, version) -> bundle sha256
     installs: list[tuple[str, str]] = field(default_factory=list)  # (version, "full" | "delta") as installed
     pieces: Optional[Reassembler] = None  # made at a device's first task piece
+    #: the fleet's desired configuration as applied (simulated: recorded, tags and pins taken)
+    config: dict[str, Any] = field(default_factory=dict)
+    config_revision: int = 0
+    config_note: str = ""
+    base_tags: dict[str, str] = field(default_factory=dict)
+    pins: dict[str, str] = field(default_factory=dict)  # model -> the version it is pinned to
+    unacked: dict[str, str] = field(default_factory=dict)  # result message id -> its task, until acked
 
     def bundles(self) -> list[str]:
         """The sha256s of the bundles it holds: those of each model's active and previous version."""
@@ -206,7 +213,8 @@ class SimulatedDevices:
     def _status(self, d: _Device, online: bool = True) -> None:
         s = proto.Status(device=d.id, online=online, agent_version=f"{sdk.__version__}-sim",
                          runtime={"name": "simulated"}, delegates=["cpu"], models=dict(d.models), tags=d.tags,
-                         bundles=d.bundles())
+                         bundles=d.bundles(), config={**d.config, "tags": dict(d.tags), "models": dict(d.models)},
+                         config_revision=d.config_revision, config_note=d.config_note)
         self._publish(d, "status", s.to_payload(), retain=True)
 
     def _announce(self, d: _Device) -> None:
@@ -214,7 +222,8 @@ class SimulatedDevices:
             return
         with self._lock:
             held = list(d.running)
-        msg = proto.WorkRequest.of_device(d.id, d.models, self.capacity, self.prefetch, held)
+            done = list(d.unacked.values())
+        msg = proto.WorkRequest.of_device(d.id, d.models, self.capacity, self.prefetch, held, done=done)
         self._publish(d, "up", msg.to_payload())
 
     def _durable(self, d: _Device, msg: proto.Message) -> None:
@@ -278,10 +287,38 @@ class SimulatedDevices:
                 with self._lock:
                     for i in msg.ack_ids:
                         d.outbox.pop(i, None)
+                        d.unacked.pop(i, None)
             elif isinstance(msg, proto.InstallCommand):
                 self._on_install(d, msg)
             elif isinstance(msg, proto.RollbackCommand):
                 self._on_rollback(d, msg)
+            elif isinstance(msg, proto.ConfigCommand):
+                self._on_config(d, msg)
+
+    def _on_config(self, d: _Device, cmd: proto.ConfigCommand) -> None:
+        """Desired configuration, as the agent takes it (agent.desired): tags over the device's own,
+        models pinned to a held version activated, the other settings recorded as running."""
+        if cmd.revision <= d.config_revision:
+            return
+        notes = []
+        with self._lock:
+            if not d.base_tags:
+                d.base_tags = dict(d.tags)
+            d.tags = {**d.base_tags, **cmd.config.get("tags", {})}
+            for model, version in sorted(cmd.config.get("models", {}).items()):
+                if d.models.get(model) == version:
+                    continue
+                if (model, version) in d.held or d.previous.get(model) == version:
+                    if d.models.get(model):
+                        d.previous[model] = d.models[model]
+                    d.models[model] = version
+                else:
+                    notes.append(f"models.{model}: version {version} is not on this device (deploy it)")
+            d.config = {k: v for k, v in cmd.config.items() if k not in ("tags", "models")}
+            d.pins = dict(cmd.config.get("models", {}))
+            d.config_revision, d.config_note = cmd.revision, "; ".join(notes)
+        self._status(d)
+        self._announce(d)
 
     def _p50(self, version: Optional[str]) -> Optional[float]:
         if version is None:
@@ -300,6 +337,11 @@ class SimulatedDevices:
         return self._blobs.get(sha) if sha in d.bundles() else None
 
     def _on_install(self, d: _Device, cmd: proto.InstallCommand) -> None:
+        pinned = d.pins.get(cmd.model)
+        if pinned is not None and pinned != cmd.version:
+            self._report(d, cmd, "FAILED", cmd.version, f"{cmd.model} is pinned to version {pinned} by the fleet's "
+                         "desired configuration")
+            return
         if d.models.get(cmd.model) == cmd.version:
             self._report(d, cmd, "SUCCEEDED", cmd.version, "already active", previous_version=d.previous.get(cmd.model))
             return
@@ -451,6 +493,8 @@ class SimulatedDevices:
         msg = proto.TaskResult(device=d.id, job=task.job, task=task.id, model=task.model,
                                version=d.models.get(task.model, ""), outputs=[flat],
                                elapsed_s=self.infer_s * task.count, samples=task.count)
+        with self._lock:
+            d.unacked[msg.id] = task.id  # announced as done until the fleet acknowledges it
         self._durable(d, msg)
         with self._lock:
             d.running.discard(task.id)

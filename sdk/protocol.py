@@ -8,7 +8,8 @@ channel     direction  carries
 ==========  =========  =====================================================================
 status      agent→all  :class:`Status`, retained; the Last-Will publishes ``online=False``
 heartbeat   agent→     :class:`Heartbeat` (latency histograms, counters), QoS 0
-cmd         fleet→     commands: :class:`InstallCommand`, :class:`RollbackCommand`, :class:`Ack`
+cmd         fleet→     commands: :class:`InstallCommand`, :class:`RollbackCommand`,
+                       :class:`ConfigCommand` (desired configuration), :class:`Ack`
 chunk       fleet→     :class:`Chunk` (binary): one piece of a bundle, at most 128 KiB of data
 task        fleet→     :class:`Task` (binary): a slice of a batch job's inputs, with a lease;
                        or a :class:`TaskPiece` of one too large for the broker's packet limit
@@ -128,6 +129,8 @@ __all__ = [
     "Heartbeat",
     "InstallCommand",
     "RollbackCommand",
+    "ConfigCommand",
+    "CONFIG_FIELDS",
     "Ack",
     "InstallStatus",
     "ChunkRequest",
@@ -432,6 +435,29 @@ class Message:
         return cls.from_dict(_load_json(payload))
 
 
+#: what the fleet's desired configuration of a device may set (:class:`ConfigCommand`), and what
+#: a device reports it runs (:attr:`Status.config`): each key with its check
+CONFIG_FIELDS: dict[str, Check] = {
+    "tags": _map_of(_text(64), _text(256), 64),
+    "threads": _integer(1, 64),
+    "pool_size": _integer(1, 64),
+    "heartbeat_interval": _number(0.5, 86400.0),
+    "work_slots": _integer(0, 64),
+    "models": _map_of(_ident, _ident),  # model -> the version it is pinned to
+}
+
+
+def _config(where: str, value: Any) -> None:
+    """A device configuration: an object of :data:`CONFIG_FIELDS` keys, each value checked."""
+    if type(value) is not dict:
+        _fail(where, "must be an object", value)
+    unknown = sorted(set(value) - set(CONFIG_FIELDS))
+    if unknown:
+        _fail(where, f"has no setting {unknown[0]!r} (settings: {', '.join(CONFIG_FIELDS)})", unknown[0])
+    for key, item in value.items():
+        CONFIG_FIELDS[key](f"{where}.{key}", item)
+
+
 @dataclass
 class Status(Message):
     """Presence, retained: what a device is and runs. The Last-Will is ``Status(online=False)``."""
@@ -447,12 +473,18 @@ class Status(Message):
     free_disk_bytes: int = 0
     accepting_work: bool = True
     bundles: list[str] = field(default_factory=list)  # sha256 of every bundle the device holds (delta bases)
+    #: the configuration it runs (:data:`CONFIG_FIELDS`), the revision of the fleet's desired
+    #: configuration it last applied (0: none), and what of it could not be applied, and why
+    config: dict[str, Any] = field(default_factory=dict)
+    config_revision: int = 0
+    config_note: str = ""
 
     CHECKS: ClassVar[dict[str, Check]] = {
         **Message.CHECKS, "device": _ident, "online": _boolean, "agent_version": _text(64),
         "runtime": _map_of(_text(64), _text(256), 32), "delegates": _list_of(_text(64), 16),
         "models": _map_of(_ident, _ident), "tags": _map_of(_text(64), _text(256), 64),
         "free_disk_bytes": _COUNT, "accepting_work": _boolean, "bundles": _list_of(_sha256, MAX_HELD_BUNDLES),
+        "config": _config, "config_revision": _integer(0, 2 ** 53), "config_note": _text(),
     }
 
 
@@ -551,6 +583,19 @@ class RollbackCommand(Message):
     CHECKS: ClassVar[dict[str, Check]] = {
         **Message.CHECKS, "model": _ident, "to_version": _optional(_ident), "rollout": _optional(_ident),
     }
+
+
+@dataclass
+class ConfigCommand(Message):
+    """The fleet's desired configuration of a device (its tags' entries merged, then its own):
+    the agent applies what it can without a restart, keeps it across restarts, and reports what
+    it runs in its :class:`Status` (``config``, ``config_revision``, ``config_note``)."""
+
+    TYPE: ClassVar[str] = "config"
+    revision: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    CHECKS: ClassVar[dict[str, Check]] = {**Message.CHECKS, "revision": _integer(1, 2 ** 53), "config": _config}
 
 
 @dataclass
@@ -787,10 +832,15 @@ class WorkRequest(Message):
     free: int = 0
     running: list[str] = field(default_factory=list)  # task ids held: running or queued
     prefetch: int = 0
+    #: task ids whose results wait in the device's outbox for the fleet's ack (None: not reported).
+    #: With ``running`` it is every task the device has: the fleet puts a task it leased to the
+    #: device long enough ago and that is in neither list back in the queue (lost on the way)
+    done: Optional[list[str]] = None
 
     CHECKS: ClassVar[dict[str, Check]] = {
         **Message.CHECKS, "device": _ident, "models": _map_of(_ident, _ident), "capacity": _integer(0, MAX_ITEMS),
         "free": _integer(0, MAX_ITEMS), "running": _list_of(_ident), "prefetch": _integer(0, MAX_PREFETCH),
+        "done": _optional(_list_of(_ident)),
     }
 
     def check_fields_together(self) -> None:
@@ -799,13 +849,17 @@ class WorkRequest(Message):
 
     @classmethod
     def of_device(cls, device: str, models: dict[str, str], capacity: int, prefetch: int, held: Sequence[str],
-                  accepting: bool = True) -> "WorkRequest":
+                  accepting: bool = True, done: Optional[Sequence[str]] = None) -> "WorkRequest":
         """What a device announces (the agent and the simulator alike): ``held`` the tasks it has
-        (running or queued); free = room left within ``capacity + prefetch``, at most ``capacity``,
-        0 when it runs no model or does not accept work."""
+        (running or queued), ``done`` those whose results await the fleet's ack; free = room left
+        within ``capacity + prefetch``, at most ``capacity``, 0 when it runs no model or does not
+        accept work. Lists longer than the protocol carries are cut, and ``done`` is then not
+        reported (the fleet must not take a cut list for the whole)."""
         room = capacity + prefetch - len(held) if models and accepting else 0
+        complete = done is not None and len(held) < MAX_ITEMS and len(done) < MAX_ITEMS
         return cls(device=device, models=dict(models), capacity=capacity, free=max(0, min(capacity, room)),
-                   running=sorted(held), prefetch=prefetch)
+                   running=sorted(held)[:MAX_ITEMS], prefetch=prefetch,
+                   done=sorted(done) if complete else None)
 
     @staticmethod
     def holds_too_many(held: int, capacity: int, prefetch: int) -> bool:
@@ -1142,7 +1196,7 @@ class TaskResult(Message):
 
 
 #: every message class, JSON and binary: each declares one check per field
-MESSAGE_CLASSES: tuple[type, ...] = (Status, Heartbeat, InstallCommand, RollbackCommand, Ack, InstallStatus,
+MESSAGE_CLASSES: tuple[type, ...] = (Status, Heartbeat, InstallCommand, RollbackCommand, ConfigCommand, Ack, InstallStatus,
                                      ChunkRequest, Chunk, Result, FleetStatus, WorkRequest, Task, TaskPiece,
                                      TaskResult)
 

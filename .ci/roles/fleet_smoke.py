@@ -36,6 +36,10 @@ with EmbeddedBroker(kind="mosquitto") as broker:
             sys.exit(f"fleet smoke: edgesdk fleet {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res.stdout
 
+    # PostgreSQL support is part of this extra: psycopg loads, and an unreachable database is one clear line
+    res = subprocess.run([fleet_cli, "fleet", "--db", "postgresql://nobody@127.0.0.1:1/none", "devices"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: cannot reach the fleet database"), res.stderr
     try:
         for _ in range(60):
             online = [d for d in json.loads(fleet("devices", "--json")) if d.get("online")]

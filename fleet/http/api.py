@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pydantic
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 from sdk import protocol as proto
 from sdk.errors import ConfigError, DataError, JobError, NotFoundError
 
+from ..desired import ConfigEntry
 from ..jobs import JobSummary
 from ..registry import DeviceInfo
 from ..rollout import RolloutView
@@ -52,6 +53,11 @@ def _model_of(cls: type, exclude: tuple[str, ...] = ()) -> type[pydantic.BaseMod
 
 
 Device = _model_of(DeviceInfo)
+ConfigEntryModel = _model_of(ConfigEntry)
+ConfigRevision = pydantic.create_model("ConfigRevision", revision=(int, ...))
+_SETTINGS = ("settings (sdk.protocol.CONFIG_FIELDS): tags {K: V}, threads, pool_size, heartbeat_interval, work_slots, "
+             "models {NAME: VERSION} (pins)")
+_KEYS = "settings to stop desiring (threads, tags.site, models.digits); none: the whole entry"
 Rollout = _model_of(RolloutView)
 Job = _model_of(JobSummary, exclude=("outputs",))
 
@@ -137,6 +143,35 @@ def api_router(fleet: Any, limits: UploadLimits) -> APIRouter:
         """Roll every device that took the rollout's version back to its previous one."""
         fleet.rollback(rollout_id)
         return fleet.rollout(rollout_id).to_dict()
+
+    # --- desired configuration ------------------------------------------------------------------
+    @r.get("/config", response_model=list[ConfigEntryModel], tags=["config"], summary="Desired configuration")
+    def list_config() -> list[dict[str, Any]]:
+        """Every desired-configuration entry, per tag and per device (``edgesdk fleet config show
+        --json``); each device's merged desired configuration and drift are in ``/api/v1/devices``."""
+        return [e.to_dict() for e in fleet.configs()]
+
+    @r.put("/config/devices/{device_id}", response_model=ConfigRevision, tags=["config"],
+           summary="Desire settings for a device", responses=_errors("422"))
+    def set_device_config(device_id: str, settings: dict[str, Any] = Body(description=_SETTINGS)) -> dict[str, Any]:
+        """Merge ``settings`` into the device's entry (``edgesdk fleet config set --device ID``)."""
+        return {"revision": fleet.set_config(device=device_id, **settings)}
+
+    @r.put("/config/tags/{tag}", response_model=ConfigRevision, tags=["config"],
+           summary="Desire settings for every device with a tag", responses=_errors("422"))
+    def set_tag_config(tag: str, settings: dict[str, Any] = Body(description=_SETTINGS)) -> dict[str, Any]:
+        """Merge ``settings`` into the entry of ``tag`` (``K=V``; ``edgesdk fleet config set --tag K=V``)."""
+        return {"revision": fleet.set_config(tag=tag, **settings)}
+
+    @r.delete("/config/devices/{device_id}", response_model=ConfigRevision, tags=["config"],
+              summary="Stop desiring settings for a device", responses=_errors("422"))
+    def unset_device_config(device_id: str, key: list[str] = Query(default=[], description=_KEYS)) -> dict[str, Any]:
+        return {"revision": fleet.unset_config(*key, device=device_id)}
+
+    @r.delete("/config/tags/{tag}", response_model=ConfigRevision, tags=["config"],
+              summary="Stop desiring settings for a tag", responses=_errors("422"))
+    def unset_tag_config(tag: str, key: list[str] = Query(default=[], description=_KEYS)) -> dict[str, Any]:
+        return {"revision": fleet.unset_config(*key, tag=tag)}
 
     # --- jobs -----------------------------------------------------------------------------------
     @r.post("/jobs", response_model=Job, status_code=201, tags=["jobs"], summary="Submit a batch job",

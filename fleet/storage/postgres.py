@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 from typing import Any, Iterable, Optional
 
 from sdk.deps import require
@@ -216,22 +215,15 @@ class PostgresStorage(Storage):
         from psycopg_pool import ConnectionPool
 
         self.url = url
-        self._lock = threading.Lock()
-        try:
-            self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=30,
-                                       kwargs={"autocommit": True, "row_factory": _row_factory},
-                                       configure=_configure, name="edgesdk-fleet")
-            self.pool.wait(timeout=15)
-        except (psycopg.Error, Exception) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            try:
-                self.pool.close()
-            except Exception:
-                pass
-            raise ConfigError(f"cannot reach the fleet database at {self.describe()}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}: check --db "
+        try:  # one plain connection first: an unreachable database is one clear line at once
+            psycopg.connect(url, connect_timeout=10).close()
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot reach the fleet database at {self.describe()}: {reason}: check --db "
                               "(postgresql://USER@HOST:PORT/DBNAME) and that PostgreSQL runs") from exc
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=30,
+                                   kwargs={"autocommit": True, "row_factory": _row_factory},
+                                   configure=_configure, name="edgesdk-fleet")
         self.blobs = TableBlobs(self)
         with self.connect() as db:
             migrate(db, ddl)

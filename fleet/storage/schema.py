@@ -18,6 +18,7 @@ Tables:
 * ``device_bundles``, ``deltas``, ``delta_fallbacks``: what each device holds, the deltas made,
   and devices on which a delta did not apply;
 * ``leader``: the controller's lease with its epoch (the fencing token, :mod:`fleet.leader`);
+* ``desired``: the desired configuration of devices and tags (:mod:`fleet.desired`);
 * ``blobs``: bundle, delta and job-input bytes, in backends that keep them in the database.
 """
 
@@ -98,6 +99,12 @@ MIGRATIONS: dict[int, list[Step]] = {
         kind TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (kind, name))""",
         "CREATE INDEX IF NOT EXISTS tasks_job_pending ON tasks (job, state, idx)",  # the next pending tasks, in order
         "CREATE INDEX IF NOT EXISTS rollout_devices_device ON rollout_devices (device, state)",
+    ],
+    5: [
+        # desired configuration per device ("device", id) and per tag ("tag", "key=value") (fleet.desired)
+        """CREATE TABLE IF NOT EXISTS desired (
+        scope TEXT NOT NULL, target TEXT NOT NULL, config TEXT NOT NULL, revision INTEGER NOT NULL,
+        updated REAL NOT NULL, PRIMARY KEY (scope, target))""",
     ],
 }
 

@@ -132,6 +132,25 @@ def test_health_check_rejects_a_bundle_whose_outputs_do_not_match(agent, digits_
         agent.install(slow)
 
 
+def test_a_bundle_for_a_newer_runtime_is_refused_by_an_older_one(agent_config, digits_bundle, digits_bundle_v2) -> None:
+    """The runtime is the agent's seam: a device whose LiteRT knows an older TFLite than a bundle
+    needs refuses the bundle before loading it (the old model keeps serving), with the fix."""
+    import dataclasses
+
+    from sdk.runtime import find_runtime
+
+    old = dataclasses.replace(find_runtime(allow_tensorflow=False), version="0.9.0", tflite_version="1.10.0")
+    a = Agent(agent_config, runtime=old).start(local_api=False)
+    try:
+        with pytest.raises(InstallError, match="needs TFLite runtime .* this device has ai_edge_litert 0.9.0 "
+                                               r"\(TFLite 1.10.0\): upgrade the runtime"):
+            a.install(digits_bundle.path)
+        assert a.models() == [] or all(m["active"] is None for m in a.models())
+        assert a.describe()["runtime"]["version"] == "0.9.0"  # what it reports to the fleet
+    finally:
+        a.stop()
+
+
 def test_bad_inputs_fail_that_caller_only(agent, digits_bundle, digits) -> None:
     agent.install(digits_bundle.path)
     x = digits.x_test[0][None]

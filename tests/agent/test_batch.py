@@ -128,6 +128,20 @@ def test_results_stored_together_take_one_transaction_all_or_none(tmp_path) -> N
     box.close()
 
 
+def test_results_the_writer_publishes_itself_are_stored_as_sent_and_go_again_after_a_reconnect(tmp_path) -> None:
+    from agent.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite")
+    box.put_many([("a", "t", b"1"), ("b", "t", b"2")], sending=True)
+    assert box.due(30) == [] and [m.attempts for m in box.due(0)] == [1, 1]  # sent by the caller: not due yet
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite")  # the agent killed and restarted: still there
+    assert len(box) == 2
+    box.reset_sent()  # a reconnect: due again at once
+    assert [m.id for m in box.due(30)] == ["a", "b"]
+    box.close()
+
+
 def test_an_agent_announces_its_prefetch_holds_that_many_and_declines_beyond(make_link, broker, make_collector, eventually,
                                                                             digits_bundle, digits) -> None:
     collector = make_collector(broker.port)
@@ -157,3 +171,40 @@ def test_an_agent_announces_its_prefetch_holds_that_many_and_declines_beyond(mak
     assert eventually(lambda: link._work_request().free == 1)
     pub.disconnect()
     pub.loop_stop()
+
+
+def test_an_agent_with_short_tasks_asks_for_more_queued_and_takes_all_it_asked_for(make_link, broker, make_collector,
+                                                                                    eventually, digits_bundle, digits) -> None:
+    collector = make_collector(broker.port)
+    # (resend_after 60: results arrive because the writer publishes them as it stores them)
+    agent, link = make_link("dev-h", preinstall=[digits_bundle.path], prefetch=2, prefetch_horizon=10.0,
+                            resend_after=60.0)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    x = digits.x_test[:2].astype(np.float32)
+    release = __import__("threading").Event()
+
+    def send(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            pub.publish(proto.topic("dev-h", "task"), proto.Task(f"job-{i}", "job", "digits", 30.0, [x]).to_payload(),
+                        qos=1)
+
+    try:
+        send(0, 3)  # tasks of a few ms: ten seconds of work is more than MAX_PREFETCH of them
+        assert eventually(lambda: len(collector.of_type(proto.TaskResult)) == 3)
+        assert eventually(lambda: any(w.device == "dev-h" and w.prefetch == proto.MAX_PREFETCH
+                                      for w in collector.work_requests))
+        model = agent.model("digits")
+        real = model.predict_batch
+        model.predict_batch = lambda *a, **k: (release.wait(30), real(*a, **k))[1]  # slow now: tasks pile up
+        send(3, 20)  # more than 2 x (1 + 2), all within what it announced: none is declined
+        assert eventually(lambda: len(link._work_request().running) == 20)
+        release.set()
+        assert eventually(lambda: len(collector.of_type(proto.TaskResult)) == 23)
+    finally:
+        release.set()
+        pub.disconnect()
+        pub.loop_stop()
+    link.prefetch_min = 0
+    assert link.prefetch == 0  # prefetch 0: none, however short the tasks

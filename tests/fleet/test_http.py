@@ -134,6 +134,24 @@ def unsigned_copy(src, out):
     return write_bundle(out, manifest, {name: b.read(name) for name in b.manifest.files})
 
 
+def test_desired_configuration_over_http_reaches_real_agents(berlin, eventually) -> None:
+    fleet, api = berlin
+    r = api.put("/api/v1/config/tags/site=berlin", json={"heartbeat_interval": 3.0, "tags": {"zone": "n"}})
+    assert r.status_code == 200 and r.json() == {"revision": 1}
+    r = api.put("/api/v1/config/devices/pi-1", json={"work_slots": 2})
+    assert r.json() == {"revision": 2}
+    assert eventually(lambda: {d["id"]: d["config_state"] for d in api.get("/api/v1/devices").json()}
+                      == {"pi-0": "in sync", "pi-1": "in sync"}, timeout=60)
+    devices = {d["id"]: d for d in api.get("/api/v1/devices").json()}
+    assert devices["pi-1"]["config"]["work_slots"] == 2 and devices["pi-0"]["tags"]["zone"] == "n"
+    assert [e["target"] for e in api.get("/api/v1/config").json()] == ["site=berlin", "pi-1"]
+    bad = api.put("/api/v1/config/devices/pi-0", json={"threads": 0})
+    assert bad.status_code == 400 and bad.json()["message"].startswith("desired configuration: config.threads")
+    assert api.delete("/api/v1/config/devices/pi-1", params={"key": "work_slots"}).json() == {"revision": 3}
+    assert eventually(lambda: {d["id"]: d for d in api.get("/api/v1/devices").json()}["pi-1"]["config"]["work_slots"]
+                      == 0, timeout=60)  # back to its own file's value
+
+
 def test_bad_tokens_and_bad_uploads_get_the_clis_errors_and_change_nothing(broker, make_link, make_fleet, make_api,
                                                                            eventually, digits_bundle, tmp_path) -> None:
     from fleet.http import UploadLimits

@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 
+from sdk import protocol as proto
+
 
 def publish_once(port: int, topic: str, payload: bytes) -> None:
     """One QoS-1 message from a bare paho client (a device that is not an edgesdk agent)."""
@@ -196,3 +198,34 @@ def test_without_prefetch_a_device_holds_only_what_it_runs(broker, make_fleet, m
     result = fleet.run("noop", x, batch_size=2, timeout=60)
     np.testing.assert_array_equal(result.outputs[0], echo(x))
     assert max(seen) <= 1  # a task arrives only while fewer than capacity (2) are held
+
+
+def test_a_task_lost_on_the_way_is_sent_again_without_waiting_for_its_lease(broker, make_fleet, make_sims,
+                                                                             eventually) -> None:
+    """A device announces the tasks it holds and those whose results wait for an ack; a task
+    leased to it long enough ago that it has neither was lost (a broker that died with it in
+    flight): back in the queue at once, not after its lease of 10 minutes."""
+    from test_rollout_sim import FakeClock
+
+    clock = FakeClock()
+    sims = make_sims(2, broker.url, models={"noop": "1"}, announce_interval=1.0)
+    fleet = make_fleet(broker.url, clock=clock)
+    assert eventually(lambda: len([d for d in fleet.devices() if d.online]) == 2)
+    engine = fleet.engine
+    publish, lost = engine._publish, []
+
+    def lossy(topic, payload, qos=1):  # the first task sent to sim-0001 never arrives
+        if topic == proto.topic("sim-0001", "task") and not lost:
+            lost.append(proto.Task.from_payload(payload).id)
+            return True
+        return publish(topic, payload, qos)
+
+    engine._publish = lossy
+    x = np.arange(80, dtype=np.float32).reshape(20, 4)
+    job = fleet.submit("noop", x, batch_size=2, lease_s=600)
+    assert eventually(lambda: lost and fleet.job(job).counts["DONE"] == 9)  # all but the lost one
+    assert fleet.job(job).state == "RUNNING"
+    clock.advance(11)  # past LOST_AFTER_S: the device's next announcement shows the task is not there
+    result = fleet.finish_job(job, timeout=30)
+    np.testing.assert_array_equal(result.outputs[0], x)
+    assert fleet.stats["lost_tasks"] == 1 and result.retries == 1

@@ -1,6 +1,8 @@
 """Rollouts against a real Mosquitto with simulated devices: stages, rate limits, abort
 thresholds, latency regression, cancel, rollback, time-outs, and 1,000 devices."""
 
+import time
+
 import pytest
 
 from sdk.errors import RolloutError
@@ -272,3 +274,31 @@ def test_chunks_flow_within_the_window_and_a_lost_chunk_is_asked_for_again(broke
     again = [i for d, i in asked if d == "sim-0001" and 3 in i]
     assert len(again) == 2 and again[1] == [3]  # asked again, for the lost chunk only
     assert [i for d, i in asked if d == "sim-0000" and 3 in i] == [list(range(proto.CHUNK_WINDOW))]
+
+
+class FakeClock:
+    """The fleet's clock as a test moves it: rollout and lease time-outs without waiting for them."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_outs_follow_the_fleets_clock(broker, make_fleet, make_sims, eventually, digits_bundle_v2) -> None:
+    clock = FakeClock()
+    sims = make_sims(2, broker.url, models={"digits": "1"}, install_s=3600)  # installs that do not end in this test
+    fleet = make_fleet(broker.url, clock=clock)
+    assert eventually(online(fleet, 2))
+    rid = fleet.deploy(digits_bundle_v2.path, devices=sims.ids, canary=2, timeout=600, max_failure_percent=100)
+    assert eventually(lambda: fleet.rollout(rid).counts["IN_PROGRESS"] == 2)
+    time.sleep(1.0)  # real time passes; the fleet's does not
+    assert fleet.rollout(rid).counts["IN_PROGRESS"] == 2
+    clock.advance(601)
+    view = fleet.wait_rollout(rid, timeout=30)
+    assert view.counts["TIMED_OUT"] == 2 and all("no outcome within 600 s" in d["reason"] for d in view.devices)
+    assert view.finished == clock.now

@@ -111,7 +111,8 @@ def valid_messages() -> dict[type, object]:
     return {
         p.Status: p.Status(device="d-1", agent_version="1.0", runtime={"name": "litert"}, delegates=["xnnpack"],
                            models={"digits": "2"}, tags={"site": "lab 4"}, free_disk_bytes=10, accepting_work=False,
-                           bundles=[SHA, OTHER]),
+                           bundles=[SHA, OTHER], config={"threads": 2, "tags": {"site": "lab 4"}}, config_revision=3,
+                           config_note="models.digits: version 9 is not on this device"),
         p.Heartbeat: p.Heartbeat(device="d-1", uptime_s=3.5, models={"digits": {"version": "2", "p50_ms": 0.4,
                                                                               "requests": 10}}, outbox_pending=1),
         p.InstallCommand: p.InstallCommand(model="digits", version="2", bundle_sha256=SHA, bundle_size=5,
@@ -119,6 +120,9 @@ def valid_messages() -> dict[type, object]:
                                            delta={"method": "zstd", "base_sha256": OTHER, "sha256": THIRD, "size": 3},
                                            window=16),
         p.RollbackCommand: p.RollbackCommand(model="digits", to_version="1", rollout="r1"),
+        p.ConfigCommand: p.ConfigCommand(revision=3, config={"tags": {"site": "lab 4"}, "threads": 2, "pool_size": 2,
+                                                             "heartbeat_interval": 5.0, "work_slots": 1,
+                                                             "models": {"digits": "2"}}),
         p.Ack: p.Ack(ack_ids=["a1", "b2"]),
         p.InstallStatus: p.InstallStatus(device="d-1", model="digits", version="2", state="SUCCEEDED", reason="ok",
                                          rollout="r1", previous_version="1", p50_ms=0.5, previous_p50_ms=0.6,
@@ -129,7 +133,7 @@ def valid_messages() -> dict[type, object]:
                            meta={"camera": "front", "n": 3, "ok": True, "none": None}),
         p.FleetStatus: p.FleetStatus(online=False, session="s1"),
         p.WorkRequest: p.WorkRequest(device="d-1", models={"digits": "2"}, capacity=4, free=2, running=["t1"],
-                                     prefetch=3),
+                                     prefetch=3, done=["t0"]),
         p.Task: p.Task("j1-0", "j1", "digits", 30.0, [np.ones((2, 8), np.int8), np.zeros((2,), np.bool_)],
                        attempt=3, quant=[[0.05, -3], None]),
         p.TaskPiece: p.TaskPiece("j1-0", 1, 3, 8, SHA, b"xyz"),
@@ -175,6 +179,15 @@ def testvalid_messages_round_trip(cls: type) -> None:
 HOSTILE_VALUES = [{"a": [1]}, 2 ** 64, "\ud800", "../../etc"]
 
 
+def test_a_configuration_takes_only_known_settings_of_their_types() -> None:
+    good = valid_messages()[p.ConfigCommand].to_dict()
+    for config, where in [({"threads": 0}, "config.threads"), ({"threads": True}, "config.threads"),
+                          ({"heartbeat_interval": 0.1}, "config.heartbeat_interval"), ({"shell": "rm"}, "config"),
+                          ({"models": {"digits": "../1"}}, "config.models"), ({"tags": ["a"]}, "config.tags")]:
+        with pytest.raises(ProtocolError, match=rf"config\.{where}\b"):
+            p.decode(json.dumps({**good, "config": config}).encode())
+
+
 def _json_cases() -> list[tuple[type, str]]:
     return [(c, f.name) for c in p.MESSAGE_CLASSES if issubclass(c, p.Message) for f in dataclasses.fields(c)]
 
@@ -184,7 +197,7 @@ def test_every_json_field_refuses_hostile_values_naming_the_field(cls: type, nam
     good = valid_messages()[cls].to_dict()
     refused = 0
     for value in HOSTILE_VALUES:
-        if name in ("reason", "error", "key", "agent_version", "min_runtime_version") and value == "../../etc":
+        if name in ("reason", "error", "key", "agent_version", "min_runtime_version", "config_note") and value == "../../etc":
             continue  # free text may say anything printable
         raw = json.dumps({**good, name: value}).encode()
         with pytest.raises(ProtocolError, match=rf"{cls.TYPE}\.{name}\b"):

@@ -63,9 +63,18 @@ function renderDevices(snap) {
          el("span", { class: "empty" }, ` ${ago(snap.at, d.since)}`)),
       el("td", {}, d.agent_version || "-"), el("td", {}, runtime), el("td", { class: "models" }, models),
       el("td", { class: "num p50" }, p50), el("td", { class: "num" }, fmt(sum("requests"))),
-      el("td", { class: "num errors" }, fmt(sum("errors"))), el("td", {}, tags));
+      el("td", { class: "num errors" }, fmt(sum("errors"))), el("td", {}, tags),
+      el("td", { class: `config c-${d.config_state}`, title: configDetail(d) }, d.config_state || "-"));
   }));
   document.getElementById("devices-empty").hidden = snap.devices.length > 0;
+}
+
+// where what a device reports differs from the desired configuration (shown on hover)
+function configDetail(d) {
+  const drift = Object.entries(d.drift || {}).sort()
+    .map(([k, v]) => `${k}: ${JSON.stringify(v.reported)} (desired ${JSON.stringify(v.desired)})`);
+  if (d.config_note) drift.push(d.config_note);
+  return drift.join("; ") || (d.desired_revision ? `revision ${d.desired_revision}` : "nothing desired");
 }
 
 // --- rollouts ---------------------------------------------------------------------------------
