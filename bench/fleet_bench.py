@@ -184,6 +184,21 @@ class _SimsApart:
         self.proc.wait(30)
 
 
+def digits_bundle(tmp: Path, key: Path, runs: int = 5):
+    """The digits CNN trained here and converted to a signed full-int8 bundle (calibrated on 300
+    training images); returns the bundle's path and the digits data."""
+    from converter import convert
+    from converter.digits import load_digits_split, train_digits_cnn
+
+    digits = load_digits_split()
+    model, _ = train_digits_cnn(digits)
+    model.save(tmp / "digits.keras")
+    np.savez(tmp / "calib.npz", x=digits.x_train[:300])
+    bundle = convert(tmp / "digits.keras", target="cpu", quantize="int8", calibration=tmp / "calib.npz", key=key,
+                     output=tmp / "digits.edgebundle", runs=runs).bundle_path
+    return bundle, digits
+
+
 def big_bundle(tmp: Path, key: Path, mib: float = 5.45) -> Path:
     """A real, signed bundle of about ``mib`` MiB: a dense model with random float32 weights."""
     import keras
@@ -268,8 +283,6 @@ def main() -> int:
 
     from agent import Agent
     from agent.config import load_config
-    from converter import convert
-    from converter.digits import load_digits_split, train_digits_cnn
     from fleet import Fleet, SimulatedDevices
     from fleet.broker import EmbeddedBroker
     from sdk.signing import generate_keys
@@ -303,12 +316,7 @@ def main() -> int:
 
             # 3. real agents, 1 vs 2
             private, public = generate_keys(tmp / "keys")
-            digits = load_digits_split()
-            model, _ = train_digits_cnn(digits)
-            model.save(tmp / "digits.keras")
-            np.savez(tmp / "calib.npz", x=digits.x_train[:300])
-            bundle = convert(tmp / "digits.keras", target="cpu", quantize="int8", calibration=tmp / "calib.npz",
-                             key=private, output=tmp / "digits.edgebundle", runs=5).bundle_path
+            bundle, digits = digits_bundle(tmp, private)
             for name in ("agent-a", "agent-b"):
                 cfg = load_config(None, env={}, device_id=name, broker_url=url, state_dir=tmp / name,
                                   trusted_keys=[str(public)], threads=1, pool_size=1, tags={"name": name})

@@ -43,6 +43,7 @@ part of what the ratio shows.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -55,6 +56,14 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+
+def _fleet_bench():
+    """bench/fleet_bench.py as a module: its digits bundle is the one this bench uses too."""
+    spec = importlib.util.spec_from_file_location("fleet_bench", Path(__file__).with_name("fleet_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def landmark_model(width: int):
@@ -210,7 +219,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from converter import convert
-    from converter.digits import load_digits_split, train_digits_cnn
     from fleet.broker import EmbeddedBroker
     from sdk.signing import generate_keys
 
@@ -220,12 +228,7 @@ def main() -> int:
         private, public = generate_keys(tmp / "keys")
         cases: list[Case] = []
         if args.only in (None, "digits"):
-            digits = load_digits_split()
-            model, _ = train_digits_cnn(digits)
-            model.save(tmp / "digits.keras")
-            np.savez(tmp / "calib.npz", x=digits.x_train[:300])
-            bundle = convert(tmp / "digits.keras", target="cpu", quantize="int8", calibration=tmp / "calib.npz",
-                             key=private, output=tmp / "digits.edgebundle", runs=3).bundle_path
+            bundle, digits = _fleet_bench().digits_bundle(tmp, private, runs=3)
             x = np.concatenate([digits.x_test] * (args.digits_samples // len(digits.x_test) + 1))[: args.digits_samples]
             label = "digits CNN, int8"
             cases += [Case("digits", label, bundle, x, args.batch_size, 4, True, "int8, quantised by the fleet"),
