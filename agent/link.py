@@ -62,6 +62,7 @@ from sdk import delta as delta_mod
 from sdk import protocol as proto
 from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, InstallError, ProtocolError
 from sdk.mqtt import MqttConnection, MqttSettings
+from sdk.device import DECODERS, FleetSession, WorkSlots, plan_fetch, rebuild, send_due, subscriptions
 from sdk.pieces import PieceRefused, Reassembler
 
 from .daemon import Agent
@@ -103,6 +104,21 @@ class _Running:
         return self.transfer.command.bundle_sha256 != self.install.bundle_sha256
 
 
+def _unacked_results(outbox: Outbox) -> dict[str, str]:
+    """Task results kept in the outbox from before a restart: message id -> task id (they are
+    announced as done until the fleet acknowledges them)."""
+    found = {}
+    for m in outbox.due(-1.0, limit=outbox.max_messages):
+        if m.payload[:4] != b"ESDK":  # task results are binary frames; the rest is JSON
+            continue
+        try:
+            result = proto.TaskResult.from_payload(m.payload)
+        except ProtocolError:
+            continue
+        found[result.id] = result.task
+    return found
+
+
 class AgentLink:
     def __init__(
         self,
@@ -110,7 +126,6 @@ class AgentLink:
         *,
         resend_after: float = 30.0,
         chunk_timeout: float = 5.0,
-        connection_factory: Callable[..., MqttConnection] = MqttConnection,
         protocol: str = "auto",
         announce_interval: float = 5.0,
         piece_timeout: float = 120.0,
@@ -127,7 +142,6 @@ class AgentLink:
             cfg.broker_url, client_id=f"edgesdk-agent-{self.device}", ca_file=cfg.ca_file, client_cert=cfg.client_cert,
             client_key=cfg.client_key, username=cfg.username, password=cfg.password, protocol=protocol, extra="agent",
         )
-        self._factory = connection_factory
         self.conn: Optional[MqttConnection] = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -148,7 +162,9 @@ class AgentLink:
         #: tasks within it are never declined when :attr:`prefetch` shrinks
         self._announced_prefetch = self.prefetch_min
         self._tasks = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="edgesdk-task")
-        self._running: set[str] = set()
+        #: the tasks held (running or queued) and those whose results await the fleet's ack
+        self.slots = WorkSlots(self.capacity, self.prefetch_min)
+        self.slots.remember_done(_unacked_results(self.outbox))
         #: finished tasks' results (topic, payload, message id, task id) waiting for the writer, which
         #: stores whatever has gathered in one outbox transaction: one sync to disk for many tasks,
         #: off the task thread, which goes on with the next (prefetched) task meanwhile
@@ -156,7 +172,7 @@ class AgentLink:
         self._results_cv = threading.Condition()
         self._results_closed = False
         self._writer: Optional[threading.Thread] = None
-        self._fleet_session = ""
+        self._fleet = FleetSession()
         #: pieces of tasks too large for one MQTT message, held until whole (bounded: sdk.pieces)
         self.pieces = Reassembler(max_bytes=cfg.max_task_bytes, max_tasks=max(4, 2 * self.capacity),
                                   timeout_s=piece_timeout, on_discard=lambda why: self._drop("task-piece", why))
@@ -165,17 +181,15 @@ class AgentLink:
         self.dropped = agent.dropped
         #: channel -> (its decoder in sdk.protocol, what processes the decoded message)
         self._channels: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], None]]] = {
-            "cmd": (proto.decode, self._on_command), "chunk": (proto.Chunk.from_payload, self._on_chunk),
-            "task": (proto.decode_task_channel, self._on_task_or_piece),
-            "fleet": (proto.FleetStatus.from_payload, self._on_fleet_status),
-        }
+            channel: (DECODERS[channel], process) for channel, process in (
+                ("cmd", self._on_command), ("chunk", self._on_chunk), ("task", self._on_task_or_piece),
+                ("fleet", self._on_fleet_status))}
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "AgentLink":
         will = (proto.topic(self.device, "status"), self._status(online=False).to_payload(), 1, True)
-        subs = [(proto.topic(self.device, "cmd"), 1), (proto.topic(self.device, "chunk"), 1),
-                (proto.topic(self.device, "task"), 1), (proto.fleet_topic(), 1)]
-        self.conn = self._factory(self.settings, self._handle, subs, will=will, on_connected=self._on_connected)
+        self.conn = MqttConnection(self.settings, self._handle, subscriptions(self.device), will=will,
+                                   on_connected=self._on_connected)
         self.conn.start()
         self.agent.result_sink = lambda model, outputs, key: self.publish_result(model, outputs, key=key)
         self.agent.link = self
@@ -272,10 +286,9 @@ class AgentLink:
         models = self.agent.active_versions()  # after every task: no latency quantiles computed here
         prefetch = self.prefetch
         with self._tlock:
-            held = list(self._running)
             self._announced_prefetch = max(self._announced_prefetch, prefetch)
-        return proto.WorkRequest.of_device(self.device, models, self.capacity, prefetch, held,
-                                           accepting=not self.outbox.full and not self._stop.is_set())
+        return self.slots.request(self.device, models, accepting=not self.outbox.full and not self._stop.is_set(),
+                                  prefetch=prefetch)
 
     def announce_work(self) -> None:
         """Tell the fleet how many tasks this agent can take now (not durable: re-sent periodically)."""
@@ -300,21 +313,16 @@ class AgentLink:
             self._on_task(proto.Task.from_payload(whole))
 
     def _on_task(self, task: proto.Task) -> None:
-        with self._tlock:
-            if task.id in self._running:
-                return  # a duplicate delivery of a task already running
-            # the fleet keeps at most capacity + prefetch tasks outstanding; a few more can arrive
-            # when a re-dispatched task's first result came back early: room for those, then declined
-            if self.outbox.full or proto.WorkRequest.holds_too_many(len(self._running), self.capacity,
-                                                                    self._announced_prefetch):
-                log.warning("declined task %s of job %s: %s", task.id, task.job,
-                            "outbox full" if self.outbox.full else "too many tasks queued")
-                declined = True
-            else:
-                self._running.add(task.id)
-                declined = False
-        if declined:
-            self.announce_work()  # the fleet re-dispatches the task when its lease ends
+        # the fleet keeps at most capacity + prefetch tasks outstanding; a few more can arrive when a
+        # re-dispatched task's first result came back early: room for those, then declined
+        full = self.outbox.full
+        taken = self.slots.take(task.id, accepting=not full, prefetch=self._announced_prefetch)
+        if taken is None:
+            return  # a duplicate delivery of a task already held
+        if not taken:
+            log.warning("declined task %s of job %s: %s", task.id, task.job,
+                        "outbox full" if full else "too many tasks queued")
+            self.announce_work()  # the fleet re-dispatches the task (its next announcement shows it lost)
             return
         self._tasks.submit(self._run_task, task)
 
@@ -339,7 +347,7 @@ class AgentLink:
             except BrokerError as exc:  # too large for the broker: report that instead of the outputs
                 msg.outputs, msg.error = [], f"{exc}: run the job with a smaller --batch-size"
                 topic, payload = self._durable_payload(msg)
-        except Exception as exc:  # (an error result always fits) a bug must not leave the task held
+        except Exception:  # (an error result always fits) a bug must not leave the task held
             log.exception("task %s of job %s: no result could be made; the fleet will re-dispatch it", task.id, task.job)
             self._release([task.id])
             return
@@ -364,15 +372,22 @@ class AgentLink:
                 self.outbox.put_many([(mid, topic, payload) for topic, payload, mid, _ in batch], sending=sending)
                 if sending:  # published from here: no read back from the outbox by the sender thread
                     self._send_stored(batch)
+                stored = [(task_id, mid) for _, _, mid, task_id in batch]
             except BackpressureError as exc:  # stored one by one: as many as fit, the rest re-dispatched
+                stored = []
                 for topic, payload, mid, task_id in batch:
                     try:
                         self.outbox.put(mid, topic, payload)
+                        stored.append((task_id, mid))
                     except BackpressureError:
                         log.error("task %s: result not queued (%s); the fleet will re-dispatch it", task_id, exc)
-            except Exception:  # the disk failed: the fleet re-dispatches these tasks when their leases end
+                        stored.append((task_id, None))
+            except Exception:  # the disk failed: the fleet re-dispatches these tasks
                 log.exception("results of %d task(s) could not be stored", len(batch))
-            self._release([task_id for *_, task_id in batch])
+                stored = [(task_id, None) for *_, task_id in batch]
+            for task_id, mid in stored:
+                self.slots.finished(task_id, mid)
+            self.announce_work()
 
     def _send_stored(self, batch: list[tuple[str, bytes, str, str]]) -> None:
         """Publish results just stored as sent; one that cannot go now goes after the reconnect
@@ -385,9 +400,8 @@ class AgentLink:
                 return
 
     def _release(self, task_ids: list[str]) -> None:
-        """These tasks are over (their results stored, or lost to be re-dispatched): free their slots."""
-        with self._tlock:
-            self._running.difference_update(task_ids)
+        """These tasks are over without a result (lost; the fleet sends them again): free their slots."""
+        self.slots.release(task_ids)
         self.announce_work()
 
     def _heartbeats(self) -> None:
@@ -431,23 +445,11 @@ class AgentLink:
         while not self._stop.is_set():
             self.outbox.changed.wait(0.5)
             self.outbox.changed.clear()
-            if self.conn is None or not self.conn.connected.is_set():
+            conn = self.conn
+            if conn is None or not conn.connected.is_set():
                 continue
-            while not self._stop.is_set():
-                due = self.outbox.due(self.resend_after, limit=200)
-                if not due:
-                    break
-                sent = []
-                for m in due:
-                    try:
-                        self.conn.publish(m.topic, m.payload, qos=1)
-                    except BrokerError as exc:
-                        log.debug("outbox send paused: %s", exc)
-                        break
-                    sent.append(m.seq)
-                self.outbox.mark_sent(sent)
-                if len(sent) < len(due):
-                    break
+            send_due(self.outbox, lambda topic, payload: conn.publish(topic, payload, qos=1), self.resend_after,
+                     stop=self._stop)
 
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         if self.conn is None:
@@ -487,7 +489,8 @@ class AgentLink:
 
     def _on_command(self, msg: proto.Message) -> None:
         if isinstance(msg, proto.Ack):
-            self.outbox.ack(i for i in msg.ack_ids if isinstance(i, str))
+            self.outbox.ack(msg.ack_ids)
+            self.slots.acknowledged(msg.ack_ids)
         elif isinstance(msg, proto.InstallCommand):
             self._on_install(msg)
         elif isinstance(msg, proto.RollbackCommand):
@@ -507,15 +510,14 @@ class AgentLink:
         capacity = cfg.work_slots or cfg.pool_size
         if capacity != self.capacity:  # from the next task on (running ones finish where they are)
             old, self._tasks = self._tasks, ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="edgesdk-task")
-            self.capacity = capacity
+            self.capacity = self.slots.capacity = capacity
             old.shutdown(wait=False)
         self.publish_status()
         self.announce_work()
 
     def _on_fleet_status(self, msg: proto.FleetStatus) -> None:
-        if msg.online and msg.session != self._fleet_session:
-            first = not self._fleet_session
-            self._fleet_session = msg.session
+        first = not self._fleet.current
+        if self._fleet.is_new(msg):
             if not first:
                 log.info("a new fleet session (%s): replaying the outbox", msg.session[:8])
             self._resync()
@@ -569,7 +571,7 @@ class AgentLink:
             if running is not None:
                 self._join(running, cmd)
                 return
-        blob, note = self._delta_plan(cmd)
+        blob, note = plan_fetch(cmd, lambda sha: self.agent.store.find(cmd.model, sha) is not None)
         self._open_transfer(cmd, blob, [cmd.rollout], note)
 
     def _running_for(self, bundle_sha256: str) -> Optional["_Running"]:
@@ -579,19 +581,6 @@ class AgentLink:
             if r.install.bundle_sha256 == bundle_sha256:
                 return r
         return None
-
-    def _delta_plan(self, cmd: proto.InstallCommand) -> tuple[proto.InstallCommand, str]:
-        """What to fetch for ``cmd``: the delta's blob when the command offers a delta and the
-        device holds its base (looked up by sha256 in its own store) and can apply its method;
-        else the full bundle, with the reason the delta is not used."""
-        d = cmd.delta
-        if d is None:
-            return cmd, ""
-        if not delta_mod.available(d["method"]):
-            return cmd, f"this agent cannot apply {d['method']} deltas"
-        if self.agent.store.find(cmd.model, d["base_sha256"]) is None:
-            return cmd, f"the delta's base bundle {d['base_sha256'][:12]} is not on this device"
-        return cmd.delta_blob(), ""
 
     def _open_transfer(self, cmd: proto.InstallCommand, blob: proto.InstallCommand, rollouts: list[Optional[str]],
                        note: str = "") -> None:
@@ -702,18 +691,14 @@ class AgentLink:
                 self._request_chunks(r.transfer, restart=True)
 
     def _rebuild(self, running: "_Running") -> bytes:
-        """The bundle from a complete delta transfer: the base read from this device's own store
-        by its sha256, the delta applied with the output bounded by the bundle's declared size,
-        the result checked against the bundle's size and sha256. Raises DeltaError."""
-        cmd, d = running.install, running.install.delta
+        """The bundle from a complete delta transfer (:func:`sdk.device.rebuild`: the base read
+        from this device's own store by its sha256). Raises DeltaError."""
+        cmd = running.install
         try:
             patch = running.transfer.assemble()
         except InstallError as exc:
             raise delta_mod.DeltaError(f"the delta did not arrive intact ({exc})") from exc
-        base = self.agent.store.find(cmd.model, d["base_sha256"])
-        if base is None:
-            raise delta_mod.DeltaError(f"the delta's base bundle {d['base_sha256'][:12]} is no longer on this device")
-        return delta_mod.apply_delta(base, patch, d["method"], size=cmd.bundle_size, sha256=cmd.bundle_sha256)
+        return rebuild(cmd, patch, self.agent.store.find(cmd.model, cmd.delta["base_sha256"]))
 
     def _finish(self, running: "_Running") -> None:
         """Reassemble (or rebuild from a delta), verify and install a complete transfer; report the

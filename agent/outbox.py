@@ -22,10 +22,10 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from sdk.device import OutboxMessage
 from sdk.errors import BackpressureError
 
 __all__ = ["Outbox", "OutboxMessage", "outbox_path", "pending_in"]
@@ -49,16 +49,6 @@ def pending_in(path: os.PathLike | str) -> Optional[int]:
             db.close()
     except sqlite3.Error:
         return None
-
-
-@dataclass
-class OutboxMessage:
-    seq: int
-    id: str
-    topic: str
-    payload: bytes
-    sent_at: Optional[float]
-    attempts: int
 
 
 class Outbox:

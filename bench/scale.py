@@ -233,7 +233,7 @@ def main() -> int:
         elif r["step"].startswith("job"):
             versus = f"{r['tasks'] / r['wall_s']:,.0f} tasks/s = {(r['tasks'] * 2 / r['wall_s']) / rate:.2f} of raw msg/s"
         else:
-            versus = f"{r['in_per_s'] / rate:.2f} of raw msg/s"
+            versus = f"{r['devices'] / r['wall_s']:,.0f} devices/s online"
         print(f"| {r['backend']} | {r['step']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | "
               f"{r['in_per_s']:,.0f} | {r['out_per_s']:,.0f} | {versus} |")
     if args.json:

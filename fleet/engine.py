@@ -171,11 +171,11 @@ class Engine:
             batch = self._take_batch()
             started = time.perf_counter()
             acks: dict[str, list[str]] = defaultdict(list)
+            messages = self._decode(batch)
             try:
                 self.db.begin()
                 self.leadership.fence(self.db)
-                for topic, payload in batch:
-                    self._apply(topic, payload, acks)
+                self._apply(messages, acks)
                 self._requeue_unsent()
                 last_tick = self._tick(last_tick, bool(batch))
                 self.db.commit()
@@ -196,6 +196,8 @@ class Engine:
                 self._abandon()
                 time.sleep(0.5)
                 continue
+            for _, msg, _ in messages:
+                self.stats[msg.TYPE] += 1
             self._flush(acks)
             if self.on_batch is not None and batch:
                 self.on_batch(time.perf_counter() - started, len(batch))
@@ -275,42 +277,68 @@ class Engine:
             self.db.release("unit")
 
     # --- messages -------------------------------------------------------------------------------
-    def _apply(self, topic: str, payload: bytes, acks: dict[str, list[str]]) -> None:
-        """One message in its own SAVEPOINT: one that fails to process is rolled back alone,
-        dropped, counted, and (if durable) acknowledged so its agent stops re-sending it."""
-        if topic == proto.fleet_topic():
-            return
+    def _decode(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Any, Callable[..., None]]]:
+        """``(device, message, its handler)`` for every message of the batch a device may send;
+        the others are dropped and counted (what the topic does not vouch for, what does not
+        decode, what only the fleet sends)."""
+        out = []
+        for topic, payload in batch:
+            if topic == proto.fleet_topic():
+                continue
+            try:
+                device, msg = read_device_message(topic, payload)
+            except SpoofedMessage as exc:
+                # the topic is what the broker's ACL vouches for; a message speaking for another device is dropped
+                log.warning("ignored %s", exc)
+                self.stats["spoofed"] += 1
+                continue
+            except ProtocolError as exc:
+                log.warning("ignored a message on %s: %s", topic, exc)
+                self.stats["malformed"] += 1
+                continue
+            handler = self.handlers.get(type(msg))
+            if handler is None:  # a command or an ack: the fleet sends those, devices do not
+                log.warning("ignored a %s from %s: devices do not send it", msg.TYPE, device)
+                self.stats["unexpected"] += 1
+                continue
+            out.append((device, msg, handler))
+        return out
+
+    def _apply(self, messages: list[tuple[str, Any, Callable[..., None]]], acks: dict[str, list[str]]) -> None:
+        """Apply the batch's messages in the open transaction. First all together; when one of
+        them raises, the batch is undone and applied again with each message in a SAVEPOINT of
+        its own, so the one that fails is rolled back alone, dropped, counted and (if durable)
+        acknowledged so its agent stops re-sending it. (A savepoint per message costs two round
+        trips to a PostgreSQL server; failures are rare, so the first pass goes without.)"""
         try:
-            device, msg = read_device_message(topic, payload)
-        except SpoofedMessage as exc:
-            # the topic is what the broker's ACL vouches for; a message speaking for another device is dropped
-            log.warning("ignored %s", exc)
-            self.stats["spoofed"] += 1
+            for device, msg, handler in messages:
+                handler(device, msg, self.clock(), acks)
             return
-        except ProtocolError as exc:
-            log.warning("ignored a message on %s: %s", topic, exc)
-            self.stats["malformed"] += 1
-            return
-        handler = self.handlers.get(type(msg))
-        if handler is None:  # a command or an ack: the fleet sends those, devices do not
-            log.warning("ignored a %s from %s: devices do not send it", msg.TYPE, device)
-            self.stats["unexpected"] += 1
-            return
-        self.stats[msg.TYPE] += 1
-        self.db.savepoint("message")
-        queued = len(self._outgoing)
-        try:
-            handler(device, msg, self.clock(), acks)
         except self.db.Unavailable:
-            raise  # the database's fault, not the message's: the whole step is retried
-        except Exception:  # one bad message must not undo the batch, nor come back forever
-            log.exception("could not process a %s from %s; dropped", msg.TYPE, device)
-            self.stats["failed_messages"] += 1
-            self.db.rollback_to("message")
-            del self._outgoing[queued:]
-            if isinstance(msg, DURABLE):
-                acks[device].append(msg.id)
-        self.db.release("message")
+            raise  # the database's fault, not a message's: the whole step is retried
+        except Exception as exc:
+            log.warning("a message broke the batch (%s: %s); applying it one message at a time",
+                        type(exc).__name__, exc)
+        self.db.rollback()
+        self._outgoing.clear()
+        acks.clear()
+        self.db.begin()
+        self.leadership.fence(self.db)
+        for device, msg, handler in messages:
+            self.db.savepoint("message")
+            queued = len(self._outgoing)
+            try:
+                handler(device, msg, self.clock(), acks)
+            except self.db.Unavailable:
+                raise
+            except Exception:  # one bad message must not undo the batch, nor come back forever
+                log.exception("could not process a %s from %s; dropped", msg.TYPE, device)
+                self.stats["failed_messages"] += 1
+                self.db.rollback_to("message")
+                del self._outgoing[queued:]
+                if isinstance(msg, DURABLE):
+                    acks[device].append(msg.id)
+            self.db.release("message")
 
     def _on_status(self, device: str, msg: proto.Status, now: float, acks: dict[str, list[str]]) -> None:
         if self.registry.on_status(msg, now):

@@ -115,6 +115,7 @@ class Registry:
     def __init__(self, db: FleetDB, *, cache: bool = False) -> None:
         self.db = db
         self._presence: Optional[dict[str, tuple[bool, dict[str, str]]]] = None
+        self._held: dict[str, list[str]] = {}  # (cache) the bundles each device's last status listed
         if cache:
             self._presence = {}
             for r in db.all("SELECT id, online, tags FROM devices"):
@@ -132,10 +133,13 @@ class Registry:
 
     def on_status(self, status: proto.Status, now: float) -> bool:
         """Store a status; return True when the device came online (it was offline or unknown)."""
-        row = self.db.one("SELECT online FROM devices WHERE id = ?", (status.device,))
-        was_online = bool(row and row["online"])
-        if self._presence is not None:
+        if self._presence is not None:  # the engine's registry knows without asking the database
+            known = self._presence.get(status.device)
+            row = None if known is None else {"online": known[0]}
             self._presence[status.device] = (status.online, dict(status.tags))
+        else:
+            row = self.db.one("SELECT online FROM devices WHERE id = ?", (status.device,))
+        was_online = bool(row and row["online"])
         changed = row is None or was_online != status.online
         since = now if changed else None
         self.db.execute(
@@ -144,14 +148,18 @@ class Registry:
             "last_seen = excluded.last_seen, status = excluded.status, tags = excluded.tags",
             (status.device, int(status.online), now, now, dumps(status.to_dict()), dumps(status.tags), since),
         )
-        if status.online:  # (a Last-Will's list is as old as the connection: not news)
+        if status.online and self._held.get(status.device) != status.bundles:
+            # (a Last-Will's list is as old as the connection: not news; an unchanged list is not either)
             record_held(self.db, status.device, status.bundles, now, replace=True)
+            if self._presence is not None:
+                self._held[status.device] = list(status.bundles)
         return status.online and not was_online
 
     def on_install_status(self, msg: proto.InstallStatus, now: float) -> None:
         """A SUCCEEDED install names the bundle the device holds now."""
         if msg.state == "SUCCEEDED" and msg.bundle_sha256:
             record_held(self.db, msg.device, [msg.bundle_sha256], now, replace=False)
+            self._held.pop(msg.device, None)  # the next status's list is news again
 
     def on_heartbeat(self, hb: proto.Heartbeat, now: float) -> None:
         if self._presence is not None and hb.device not in self._presence:

@@ -41,8 +41,9 @@ import sdk
 from sdk import delta as delta_mod
 from sdk import protocol as proto
 from sdk.chunkflow import ChunkWindow, HashMemo, blob_matches, chunk_fits
-from sdk.errors import BrokerError, ProtocolError
+from sdk.errors import BrokerError
 from sdk.mqtt import MqttConnection, MqttSettings
+from sdk.device import DECODERS, FleetSession, MemoryOutbox, WorkSlots, plan_fetch, rebuild, send_due, subscriptions
 from sdk.pieces import PieceRefused, Reassembler
 
 log = logging.getLogger("edgesdk.fleet.sim")
@@ -61,10 +62,10 @@ class _Device:
     conn: Any = None
     alive: bool = True
     previous: dict[str, str] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)  # tasks held: running or queued
+    slots: WorkSlots = field(default_factory=lambda: WorkSlots(1))  # tasks held, and done awaiting an ack
     queued: collections.deque = field(default_factory=collections.deque)  # held tasks waiting for a slot
     busy: int = 0  # tasks running now (at most capacity)
-    outbox: dict[str, list[Any]] = field(default_factory=dict)  # id -> [topic, payload, sent_at]
+    outbox: MemoryOutbox = field(default_factory=MemoryOutbox)
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks_done: int = 0
     held: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, version) -> bundle sha256
@@ -76,7 +77,6 @@ class _Device:
     config_note: str = ""
     base_tags: dict[str, str] = field(default_factory=dict)
     pins: dict[str, str] = field(default_factory=dict)  # model -> the version it is pinned to
-    unacked: dict[str, str] = field(default_factory=dict)  # result message id -> its task, until acked
 
     def bundles(self) -> list[str]:
         """The sha256s of the bundles it holds: those of each model's active and previous version."""
@@ -117,7 +117,8 @@ class SimulatedDevices:
         for i in range(count):
             t = tags(i) if callable(tags) else (tags or {})
             dev_id = f"{prefix}-{i:04d}"
-            self.devices[dev_id] = _Device(dev_id, {"sim": "1", **dict(t)}, dict(models or {}))
+            self.devices[dev_id] = _Device(dev_id, {"sim": "1", **dict(t)}, dict(models or {}),
+                                           slots=WorkSlots(capacity, prefetch))
         self._conns: list[MqttConnection] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -125,7 +126,7 @@ class SimulatedDevices:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
-        self._fleet_session = ""
+        self._fleet = FleetSession()
         self._blobs: dict[str, bytes] = {}  # bundle bytes by sha256, shared by every device holding one
         #: chunks and blobs already hashed by one simulated device: the others compare instead (they
         #: share this process's CPU, where real devices each hash on their own; see sdk.chunkflow)
@@ -143,8 +144,7 @@ class SimulatedDevices:
         ids = list(self.devices)
         for k in range(0, len(ids), self.per_connection):
             group = [self.devices[d] for d in ids[k : k + self.per_connection]]
-            subs = [(proto.topic(d.id, ch), 1) for d in group for ch in ("cmd", "chunk", "task")]
-            subs.append((proto.fleet_topic(), 1))
+            subs = list(dict.fromkeys(sub for d in group for sub in subscriptions(d.id)))  # the fleet topic once
             settings = dataclasses.replace(self.settings, client_id=f"{group[0].id}-x{len(group)}",
                                            persistent_session=False)
             conn = MqttConnection(settings, self._handle, subs, on_connected=lambda g=group: self._connected(g))
@@ -184,7 +184,7 @@ class SimulatedDevices:
         d = self.devices[device]
         with self._lock:
             d.alive = False
-            d.running.clear()
+            d.slots.clear()
             d.queued.clear()
             d.busy = 0
         self._status(d, online=False)
@@ -220,17 +220,12 @@ class SimulatedDevices:
     def _announce(self, d: _Device) -> None:
         if not d.alive:
             return
-        with self._lock:
-            held = list(d.running)
-            done = list(d.unacked.values())
-        msg = proto.WorkRequest.of_device(d.id, d.models, self.capacity, self.prefetch, held, done=done)
-        self._publish(d, "up", msg.to_payload())
+        self._publish(d, "up", d.slots.request(d.id, dict(d.models)).to_payload())
 
     def _durable(self, d: _Device, msg: proto.Message) -> None:
-        payload = msg.to_payload()
         with self._lock:
-            d.outbox[msg.id] = [proto.topic(d.id, "up"), payload, time.monotonic()]
-        self._publish(d, "up", payload)
+            d.outbox.put(msg.id, proto.topic(d.id, "up"), msg.to_payload())
+        self._resend(d)
 
     def _connected(self, group: list[_Device]) -> None:
         for d in group:
@@ -240,16 +235,15 @@ class SimulatedDevices:
                 self._announce(d)
 
     def _resend(self, d: _Device, everything: bool = False) -> None:
+        """Send what the outbox holds that is due (all of it after a reconnect or a new fleet
+        session), and ask again for the chunks a stalled transfer waits for."""
         now = time.monotonic()
         with self._lock:
-            due = [m for m in d.outbox.values() if everything or now - m[2] > self.resend_after]
-            for m in due:
-                m[2] = now
-        for topic, payload, _ in due:
-            try:
-                d.conn.publish(topic, payload, qos=1)
-            except BrokerError:
-                return
+            if everything:
+                d.outbox.reset_sent()
+            send_due(d.outbox, lambda topic, payload: d.conn.publish(topic, payload, qos=1), self.resend_after)
+        if not everything and not d.transfers:
+            return
         for sha, t in list(d.transfers.items()):
             if everything or now - t["seen"] > 3.0:
                 t["seen"] = now
@@ -257,13 +251,10 @@ class SimulatedDevices:
 
     # --- incoming --------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: bytes) -> None:
+        """Every message through its channel's decoder (:data:`sdk.device.DECODERS`); one that
+        does not decode is dropped (MqttConnection logs it and goes on)."""
         if topic == proto.fleet_topic():
-            try:
-                fs = proto.FleetStatus.from_payload(payload)
-            except ProtocolError:
-                return
-            if fs.online and fs.session != self._fleet_session:
-                self._fleet_session = fs.session
+            if self._fleet.is_new(DECODERS["fleet"](payload)):
                 for d in self.devices.values():
                     if d.alive and d.conn is not None:
                         self._resend(d, everything=True)
@@ -273,21 +264,19 @@ class SimulatedDevices:
         d = self.devices.get(device)
         if d is None or not d.alive:
             return
+        msg = DECODERS[channel](payload)
         if channel == "chunk":
-            self._on_chunk(d, proto.Chunk.from_payload(payload))
+            self._on_chunk(d, msg)
         elif channel == "task":
-            msg = proto.decode_task_channel(payload)
             if isinstance(msg, proto.TaskPiece):
                 self._on_piece(d, msg)
             else:
                 self._on_task(d, msg)
         else:
-            msg = proto.decode(payload)
             if isinstance(msg, proto.Ack):
                 with self._lock:
-                    for i in msg.ack_ids:
-                        d.outbox.pop(i, None)
-                        d.unacked.pop(i, None)
+                    d.outbox.ack(msg.ack_ids)
+                d.slots.acknowledged(msg.ack_ids)
             elif isinstance(msg, proto.InstallCommand):
                 self._on_install(d, msg)
             elif isinstance(msg, proto.RollbackCommand):
@@ -331,10 +320,9 @@ class SimulatedDevices:
         self._durable(d, proto.InstallStatus(device=d.id, model=cmd.model, version=version, state=state, reason=proto.clip_text(reason),
                                              rollout=cmd.rollout, **extra))
 
-    def _base(self, d: _Device, cmd: proto.InstallCommand) -> Optional[bytes]:
-        """The bytes of the delta's base when this device holds it (by sha256, as an agent looks it up)."""
-        sha = cmd.delta["base_sha256"] if cmd.delta else None
-        return self._blobs.get(sha) if sha in d.bundles() else None
+    def _base(self, d: _Device, sha256: str) -> Optional[bytes]:
+        """The bytes of bundle ``sha256`` when this device holds it (by sha256, as an agent looks it up)."""
+        return self._blobs.get(sha256) if sha256 in d.bundles() else None
 
     def _on_install(self, d: _Device, cmd: proto.InstallCommand) -> None:
         pinned = d.pins.get(cmd.model)
@@ -350,8 +338,8 @@ class SimulatedDevices:
                 if t["cmd"].bundle_sha256 == cmd.bundle_sha256:
                     self._request_chunks(d, sha, restart=True)  # joins the transfer running for that bundle
             return
-        note = "" if cmd.delta is None or self._base(d, cmd) is not None else "the delta's base is not on this device"
-        self._fetch(d, cmd, cmd.delta_blob() if cmd.delta is not None and not note else cmd, note)
+        blob, note = plan_fetch(cmd, lambda sha: self._base(d, sha) is not None)
+        self._fetch(d, cmd, blob, note)
 
     def _fetch(self, d: _Device, cmd: proto.InstallCommand, blob: proto.InstallCommand, note: str = "") -> None:
         """Fetch ``blob``: ``cmd``'s bundle, or its delta; ``note`` says why a delta is not used."""
@@ -392,15 +380,11 @@ class SimulatedDevices:
         del d.transfers[chunk.bundle_sha256]
         data = b"".join(t["chunks"][i] for i in range(blob.chunks))
         via = "full" if blob is cmd else "delta"
-        if blob is not cmd:  # the agent's own rebuild: sdk.delta, bounded, checked against the bundle's sha256
+        if blob is not cmd:  # the agent's own rebuild (sdk.device): bounded, checked against the bundle's sha256
             try:
                 if not blob_matches(blob, data, self.hashes):
                     raise delta_mod.DeltaError("the delta did not arrive intact")
-                base = self._base(d, cmd)
-                if base is None:
-                    raise delta_mod.DeltaError("the delta's base is no longer on this device")
-                data = delta_mod.apply_delta(base, data, cmd.delta["method"], size=cmd.bundle_size,
-                                             sha256=cmd.bundle_sha256)
+                data = rebuild(cmd, data, self._base(d, cmd.delta["base_sha256"]))
             except delta_mod.DeltaError as exc:
                 self._fetch(d, cmd, cmd, str(exc))
                 return
@@ -465,13 +449,12 @@ class SimulatedDevices:
     def _on_task(self, d: _Device, task: proto.Task) -> None:
         """Hold the task (declined past what the agent would hold) and run it when a slot is free:
         at most ``capacity`` at once, the rest queued in arrival order, as the agent does."""
-        with self._lock:
-            if task.id in d.running:
-                return
-            if proto.WorkRequest.holds_too_many(len(d.running), self.capacity, self.prefetch):
+        taken = d.slots.take(task.id)
+        if not taken:
+            if taken is False:
                 log.debug("sim %s: declined task %s: too many tasks held", d.id, task.id)
-                return  # the lease re-dispatches it
-            d.running.add(task.id)
+            return  # a duplicate, or declined: the fleet sends it again
+        with self._lock:
             d.queued.append(task)
         self._start_next(d)
 
@@ -486,18 +469,16 @@ class SimulatedDevices:
 
     def _task_done(self, d: _Device, task: proto.Task) -> None:
         with self._lock:
-            if not d.alive or task.id not in d.running:
+            if not d.alive or task.id not in d.slots:
                 return  # the device "crashed" meanwhile
             d.busy -= 1
         flat = np.asarray(task.inputs[0], dtype=np.float32).reshape(task.count, -1)[:, : self.output_width]
         msg = proto.TaskResult(device=d.id, job=task.job, task=task.id, model=task.model,
                                version=d.models.get(task.model, ""), outputs=[flat],
                                elapsed_s=self.infer_s * task.count, samples=task.count)
-        with self._lock:
-            d.unacked[msg.id] = task.id  # announced as done until the fleet acknowledges it
+        d.slots.finished(task.id, msg.id)  # announced as done until the fleet acknowledges it
         self._durable(d, msg)
         with self._lock:
-            d.running.discard(task.id)
             d.tasks_done += 1
         self._start_next(d)
         self._announce(d)
@@ -537,5 +518,5 @@ class SimulatedDevices:
                 for d in self.devices.values():
                     if d.alive and d.conn is not None and d.conn.connected.is_set():
                         self._resend(d)
-                        if announce and len(d.running) < self.capacity + self.prefetch and d.models:
+                        if announce and len(d.slots) < self.capacity + self.prefetch and d.models:
                             self._announce(d)

@@ -208,3 +208,32 @@ def test_an_agent_with_short_tasks_asks_for_more_queued_and_takes_all_it_asked_f
         pub.loop_stop()
     link.prefetch_min = 0
     assert link.prefetch == 0  # prefetch 0: none, however short the tasks
+
+
+def test_results_waiting_for_an_ack_are_announced_as_done_also_after_a_restart(make_link, broker, make_collector,
+                                                                                eventually, digits_bundle, digits,
+                                                                                tmp_path) -> None:
+    """What the fleet needs to tell a task lost on the way from one that finished: the agent's
+    announcements name the tasks whose results wait in its outbox (``done``) until acknowledged,
+    and a restarted agent still knows them (from its outbox on disk)."""
+    collector = make_collector(broker.port, ack=False)  # a fleet that does not acknowledge (yet)
+    agent, link = make_link("dev-d", preinstall=[digits_bundle.path], resend_after=60.0)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    x = digits.x_test[:2].astype(np.float32)
+    try:
+        for i in range(3):
+            pub.publish(proto.topic("dev-d", "task"), proto.Task(f"t-{i}", "job", "digits", 30.0, [x]).to_payload(), qos=1)
+        assert eventually(lambda: link._work_request().done == ["t-0", "t-1", "t-2"])
+        assert link._work_request().running == []
+        link.stop()
+        agent.stop()
+        agent2, link2 = make_link("dev-d", resend_after=60.0)  # the same state dir
+        assert link2._work_request().done == ["t-0", "t-1", "t-2"]  # read back from the outbox on disk
+        results = {r.task: r.id for r in collector.of_type(proto.TaskResult)}
+        pub.publish(proto.topic("dev-d", "cmd"), proto.Ack(ack_ids=[results["t-1"]]).to_payload(), qos=1)
+        assert eventually(lambda: link2._work_request().done == ["t-0", "t-2"])
+    finally:
+        pub.disconnect()
+        pub.loop_stop()

@@ -168,7 +168,7 @@ def test_the_fleet_keeps_a_device_s_prefetch_queued_and_never_more(broker, make_
         while not done.is_set():
             for d in sims.ids:
                 dev = sims.devices[d]
-                peak[d][0] = max(peak[d][0], len(dev.running))
+                peak[d][0] = max(peak[d][0], len(dev.slots))
                 peak[d][1] = max(peak[d][1], dev.busy)
             done.wait(0.002)
 
@@ -193,7 +193,7 @@ def test_without_prefetch_a_device_holds_only_what_it_runs(broker, make_fleet, m
     assert eventually(lambda: any(d.online for d in fleet.devices()))
     seen = []
     real = sims._on_task
-    sims._on_task = lambda d, task: (seen.append(len(d.running)), real(d, task))[1]
+    sims._on_task = lambda d, task: (seen.append(len(d.slots)), real(d, task))[1]
     x = np.random.default_rng(4).random((40, 4), dtype=np.float32)
     result = fleet.run("noop", x, batch_size=2, timeout=60)
     np.testing.assert_array_equal(result.outputs[0], echo(x))
