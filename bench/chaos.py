@@ -16,7 +16,11 @@ its progress through the fleet's Python API, as ``edgesdk fleet run`` would.
    none duplicated in the output), every output equal to the bundle run here one sample at a
    time, and the results the agents sent twice that the fleet dropped (``late``/``duplicate``).
 
-    python bench/chaos.py [--samples 10000] [--batch 5] [--broker-kills 5] [--short] [--json out.json]
+    python bench/chaos.py [--samples 10000] [--batch 5] [--broker-kills 5] [--broker nats] [--short] [--json out.json]
+
+``--broker nats``: the same on a 3-node NATS cluster (MQTT 3.1.1, JetStream with 3 replicas), the
+controllers on node 0 first, the agents on nodes 1 and 2 first; each broker fault SIGKILLs the
+next node in turn and starts it again, so every client loses its node at least once.
 
 ``--short`` (what CI runs, from ``tests/test_chaos.py``): 3,000 samples and 2 broker kills.
 """
@@ -84,6 +88,53 @@ class Broker:
             self.proc.wait(10)
             self.proc = None
 
+    def url_for(self, client: int) -> str:
+        """Every client's URL: one node."""
+        return self.url
+
+    def fault(self, k: int, down_s: float) -> str:
+        """The ``k``-th broker fault: SIGKILL, ``down_s`` dead, start again (from its store)."""
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+        return "broker SIGKILLed and restarted"
+
+    def stop(self) -> None:
+        self.kill()
+
+
+class Cluster:
+    """A 3-node NATS cluster with MQTT and JetStream (the tests' own, ``tests/brokers.py``): the
+    controllers list node 0 first, the agents nodes 1 and 2; each broker fault SIGKILLs the next
+    node in turn, so every client's first node dies at some point, and starts it again."""
+
+    def __init__(self, root: Path) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from brokers import NatsCluster
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.nodes = NatsCluster(root)
+
+    @property
+    def url(self) -> str:
+        return self.nodes.url(0, 1, 2)
+
+    def url_for(self, client: int) -> str:
+        return self.nodes.url(*((1, 2, 0), (2, 1, 0))[client % 2])
+
+    def start(self) -> None:
+        self.nodes.start()
+
+    def fault(self, k: int, down_s: float) -> str:
+        node = k % 3
+        self.nodes.kill(node)
+        time.sleep(down_s)
+        self.nodes.restart(node)
+        return f"NATS node {node} SIGKILLed and restarted"
+
+    def stop(self) -> None:
+        self.nodes.stop()
+
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edgesdk", *args], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
@@ -150,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x = np.concatenate([data.x_test] * (args.samples // len(data.x_test) + 1))[: args.samples]
     expected = np.concatenate([local_predictions(bundle, data.x_test)] * (args.samples // len(data.x_test) + 1))
     expected = expected[: args.samples]
-    broker = Broker(tmp / "broker")
+    broker = Cluster(tmp / "nats") if args.broker == "nats" else Broker(tmp / "broker")
     broker.start()
     db = _database(args.pg)
     procs: list[subprocess.Popen] = []
@@ -158,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         agents = []
         for i in range(3):
-            cfg = load_config(None, env={}, device_id=f"chaos-{i}", broker_url=broker.url,
+            cfg = load_config(None, env={}, device_id=f"chaos-{i}", broker_url=broker.url_for(i),
                               state_dir=tmp / f"chaos-{i}", trusted_keys=[str(public)], threads=1, pool_size=1)
             (tmp / f"chaos-{i}.toml").write_text(cfg.to_toml())
             setup = Agent(cfg)
@@ -190,26 +241,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 while pending and s.counts["DONE"] >= pending[0][0] * total:
                     _, fault = pending.pop(0)
-                    done_log.append(f"{time.perf_counter() - t0:6.1f} s  {s.counts['DONE']:>5}/{total} tasks  {fault}")
-                    inject(fault)
+                    at = f"{time.perf_counter() - t0:6.1f} s  {s.counts['DONE']:>5}/{total} tasks  "
+                    done_log.append(at + inject(fault))
                 time.sleep(0.05)
             return time.perf_counter() - t0, fleet.finish_job(job, timeout=600), done_log
 
-        def inject(fault: str) -> None:
+        broker_faults = iter(range(args.broker_kills))
+
+        def inject(fault: str) -> str:
             if fault == "broker":
-                broker.kill()
-                time.sleep(args.broker_down)
-                broker.start()
-            elif fault == "agent":
+                return broker.fault(next(broker_faults), args.broker_down)
+            if fault == "agent":
                 agents[0].send_signal(signal.SIGKILL)
-            elif fault == "controller":
-                leader = next(n for n, p in controllers.items() if p.poll() is None and _leads(tmp, n))
-                controllers[leader].send_signal(signal.SIGKILL)
-                killed = time.perf_counter()
-                standby = next(n for n in controllers if n != leader)
-                while not _leads(tmp, standby) and time.perf_counter() - killed < 120:
-                    time.sleep(0.05)
-                takeover.append(time.perf_counter() - killed)  # the standby leads (its log says so)
+                return "agent chaos-0 SIGKILLed"
+            leader = next(n for n, p in controllers.items() if p.poll() is None and _leads(tmp, n))
+            controllers[leader].send_signal(signal.SIGKILL)
+            killed = time.perf_counter()
+            standby = next(n for n in controllers if n != leader)
+            while not _leads(tmp, standby) and time.perf_counter() - killed < 120:
+                time.sleep(0.05)
+            takeover.append(time.perf_counter() - killed)  # the standby leads (its log says so)
+            return f"leading controller {leader} SIGKILLed; {standby} leads {takeover[-1]:.1f} s later"
 
         takeover: list[float] = []
         quiet_s, quiet, _ = one_job([])
@@ -220,6 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outputs = result.outputs[0]
         return {
             "samples": args.samples, "tasks": result.tasks, "backend": "postgresql" if db else "sqlite",
+            "broker": "3-node NATS cluster" if args.broker == "nats" else "Mosquitto with persistence",
             "quiet_s": quiet_s, "chaos_s": chaos_s, "slowdown": chaos_s / quiet_s,
             "tasks_done": result.counts["DONE"], "tasks_lost": result.tasks - result.counts["DONE"],
             "results": int(outputs.shape[0]),
@@ -238,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        broker.kill()
+        broker.stop()
         _drop(args.pg, db)
 
 
@@ -255,6 +308,8 @@ def main() -> int:
     ap.add_argument("--broker-down", type=float, default=1.0, help="seconds the broker stays dead each time")
     ap.add_argument("--lease", type=float, default=3.0, help="the controllers' lease (s)")
     ap.add_argument("--task-lease", type=float, default=10.0, help="the job's task lease (s)")
+    ap.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto",
+                    help="one Mosquitto with persistence, or a 3-node NATS cluster whose nodes die in turn")
     ap.add_argument("--short", action="store_true", help="3,000 samples, 2 broker kills (CI)")
     ap.add_argument("--pg", default=os.environ.get("EDGESDK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--json", type=Path)
@@ -262,14 +317,16 @@ def main() -> int:
     if args.short:
         args.samples, args.broker_kills = 3000, 2
     r = run(args)
-    print(f"edgesdk chaos bench: {r['samples']:,} samples in {r['tasks']} tasks over 3 agents, fleet on {r['backend']}")
+    print(f"edgesdk chaos bench: {r['samples']:,} samples in {r['tasks']} tasks over 3 agents, fleet on {r['backend']}, "
+          f"broker: {r['broker']}")
     for line in r["timeline"]:
         print("  " + line)
     print()
     print("| measurement | result |")
     print("|---|---|")
     print(f"| undisturbed run (baseline) | {r['quiet_s']:.1f} s |")
-    print(f"| with {args.broker_kills} broker SIGKILLs, 1 agent SIGKILL, the leader SIGKILLed | {r['chaos_s']:.1f} s "
+    what = "NATS node SIGKILLs" if args.broker == "nats" else "broker SIGKILLs"
+    print(f"| with {args.broker_kills} {what}, 1 agent SIGKILL, the leader SIGKILLed | {r['chaos_s']:.1f} s "
           f"= {r['slowdown']:.2f}x the baseline |")
     print(f"| the standby leads after the leader's SIGKILL | {r['takeover_s']:.1f} s (lease {r['lease_s']:g} s) |")
     print(f"| results lost | {r['tasks_lost']} tasks, {r['samples'] - r['results'] + max(0, r['duplicated'])} samples |")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brokers import NatsCluster, free_port  # noqa: F401  (shared with bench/chaos.py)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,15 +152,6 @@ def agent_config(tmp_path: Path, signing_keys: Keys):
 
     return load_config(None, env={}, device_id="test-device", state_dir=tmp_path / "state",
                        trusted_keys=[str(signing_keys.public)], threads=1, pool_size=2)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (loopback)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MosquittoBroker:
@@ -863,84 +856,6 @@ def postgres_db(postgres_server: PostgresServer):
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)
-
-
-class NatsCluster:
-    """A 3-node NATS cluster with JetStream and MQTT on loopback (Debian's ``nats-server``; .ci/setup
-    installs it): a clustered MQTT 3.1.1 broker whose sessions, retained messages, wills and QoS-1
-    state live in JetStream streams replicated over the nodes. Tests can SIGKILL a node and start
-    it again."""
-
-    def __init__(self, root: Path, nodes: int = 3) -> None:
-        import shutil as _shutil
-
-        if _shutil.which("nats-server") is None:
-            pytest.fail("the nats-server binary is missing: run .ci/setup (apt-get install -y nats-server)")
-        self.root = root
-        ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]
-        self.mqtt_ports = [p[2] for p in ports]
-        self.monitor_ports = [p[3] for p in ports]
-        routes = ", ".join(f"nats-route://127.0.0.1:{p[1]}" for p in ports)
-        self.confs = []
-        for i, (client, cluster, mqtt, monitor) in enumerate(ports, start=1):
-            conf = root / f"n{i}.conf"
-            conf.write_text(
-                f"server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n"
-                f'jetstream {{ store_dir: "{root / f"js{i}"}" }}\n'
-                f"cluster {{ name: edgesdk, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n"
-                f"mqtt {{ listen: 127.0.0.1:{mqtt}, stream_replicas: {min(3, nodes)} }}\n")
-            self.confs.append(conf)
-        self.procs: list[subprocess.Popen | None] = [None] * nodes
-
-    def url(self, *nodes: int) -> str:
-        """``mqtt://`` URL of the given nodes (0-based), in order: the first, then the others to fail over to."""
-        return "mqtt://" + ",".join(f"127.0.0.1:{self.mqtt_ports[i]}" for i in nodes)
-
-    def start(self, *nodes: int) -> "NatsCluster":
-        for i in nodes or range(len(self.confs)):
-            log = self.root / f"n{i + 1}.log"
-            self.procs[i] = subprocess.Popen(["nats-server", "-c", str(self.confs[i]), "-l", str(log)],
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.wait_ready()
-        return self
-
-    def _json(self, node: int, path: str) -> dict:
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_ports[node]}{path}", timeout=2) as r:
-            return json.load(r)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Every running node answers MQTT and sees a JetStream meta leader."""
-        import socket
-        import time
-
-        deadline = time.monotonic() + timeout
-        running = [i for i, p in enumerate(self.procs) if p is not None]
-        while time.monotonic() < deadline:
-            try:
-                for i in running:
-                    socket.create_connection(("127.0.0.1", self.mqtt_ports[i]), timeout=0.5).close()
-                    if not self._json(i, "/jsz").get("meta_cluster", {}).get("leader"):
-                        raise OSError("no JetStream meta leader yet")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("the NATS cluster did not come up: " + " | ".join(
-            (self.root / f"n{i + 1}.log").read_text(errors="replace")[-600:] for i in running))
-
-    def kill(self, node: int) -> None:
-        """SIGKILL one node, as a crash."""
-        p = self.procs[node]
-        if p is not None:
-            p.kill()
-            p.wait(10)
-            self.procs[node] = None
-
-    def stop(self) -> None:
-        for i in range(len(self.procs)):
-            self.kill(i)
 
 
 @pytest.fixture

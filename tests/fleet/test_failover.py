@@ -174,3 +174,30 @@ def test_the_leader_process_killed_mid_job_and_mid_rollout(broker, spawn, agent_
     for p in agents:
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
+
+
+def test_commands_from_another_machine_go_through_the_database(broker, make_sims, spawn, edgesdk_cli, tmp_path,
+                                                               eventually, digits_bundle_v2, fleet_db) -> None:
+    """With PostgreSQL, a command run with another state directory (another machine: no file of
+    the controller's in reach) deploys, runs a job and writes its results, through the database
+    and whichever controller leads. (SQLite keeps bundles and inputs beside its file: one machine.)"""
+    import json
+
+    import numpy as np
+
+    sims = make_sims(3, broker.url, models={"digits": "1", "noop": "1"}, infer_s=0.001)
+    serve(spawn, broker, tmp_path / "controller", "serve")
+    elsewhere = tmp_path / ("workstation" if fleet_db else "controller")
+    args = ["fleet", "--broker", broker.url, "--state", elsewhere]
+    assert eventually(lambda: json.loads(edgesdk_cli(*args, "devices", "--json").stdout or "[]")
+                      and all(d["online"] for d in json.loads(edgesdk_cli(*args, "devices", "--json").stdout)))
+    r = edgesdk_cli(*args, "deploy", digits_bundle_v2.path, "--devices", ",".join(sims.ids), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "SUCCEEDED", r.stderr
+    assert "watching it work" in r.stderr
+    x = np.arange(120, dtype=np.float32).reshape(30, 4)
+    np.save(tmp_path / "x.npy", x)
+    r = edgesdk_cli(*args, "run", "noop", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz", "--json")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["y"], x)
+    if fleet_db:
+        assert not (elsewhere / "bundles").exists() and not (elsewhere / "jobs").exists()  # nothing kept here
