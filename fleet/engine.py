@@ -83,6 +83,9 @@ class Engine:
         self.inbox: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
         self._outgoing: list[tuple[str, bytes, int, Optional[str]]] = []
         self._unsent_tasks: list[str] = []
+        #: during a batch's first pass, its durable ids that were new (stored together in one
+        #: statement); None in the per-message pass, where each message records its own
+        self._fresh: Optional[set[str]] = None
         self._resume = threading.Event()
         #: step the rollouts now, not at the next tick: a rollout was created, or a device finished
         self.kick = threading.Event()
@@ -311,6 +314,7 @@ class Engine:
         acknowledged so its agent stops re-sending it. (A savepoint per message costs two round
         trips to a PostgreSQL server; failures are rare, so the first pass goes without.)"""
         try:
+            self._fresh = self.db.first_sights((m.id for _, m, _ in messages if isinstance(m, DURABLE)), self.clock())
             for device, msg, handler in messages:
                 handler(device, msg, self.clock(), acks)
             return
@@ -319,6 +323,8 @@ class Engine:
         except Exception as exc:
             log.warning("a message broke the batch (%s: %s); applying it one message at a time",
                         type(exc).__name__, exc)
+        finally:
+            self._fresh = None
         self.db.rollback()
         self._outgoing.clear()
         acks.clear()
@@ -363,7 +369,12 @@ class Engine:
     def _on_durable(self, device: str, msg: Any, now: float, acks: dict[str, list[str]]) -> None:
         """An outbox message: stored once by id; acknowledged (after the commit) every time,
         since the agent may not have seen an earlier ack."""
-        if not self.db.first_sight(msg.id, now):
+        if self._fresh is not None:  # the batch's ids, recorded together (see _apply)
+            new = msg.id in self._fresh
+            self._fresh.discard(msg.id)  # a second copy in the same batch is a duplicate
+        else:
+            new = self.db.first_sight(msg.id, now)
+        if not new:
             self.stats["duplicates"] += 1
         elif isinstance(msg, proto.InstallStatus):
             self._on_install_status(msg, now)

@@ -76,6 +76,11 @@ FORMATS = ("npz", "jsonl")
 ROUND_TASKS = 1024
 #: seconds after its dispatch a task that its device does not report having counts as lost
 LOST_AFTER_S = 10.0
+#: how often one device's announcements are checked for lost tasks (a query each): a lost task is
+#: found between LOST_AFTER_S and LOST_AFTER_S + this after it was sent
+RECONCILE_EVERY_S = LOST_AFTER_S
+#: ready devices whose leases one query counts while a dispatch round looks for room
+_BUDGET_QUERY_DEVICES = 64
 _HEADER_ALLOWANCE = 1024  # a task frame's JSON header and MQTT overhead
 _PIECE_HEADER = 200  # a task piece's frame header without its task id (index, count and total at their widest)
 
@@ -430,6 +435,8 @@ class JobController:
         #: waiting first); a dispatch round looks at these only, never at the whole fleet
         self.ready: dict[str, dict[str, None]] = defaultdict(dict)
         self._inputs: dict[str, list[np.ndarray]] = {}
+        self._reconciled: dict[str, float] = {}  # device -> when its announcement was last checked
+        self._jobs_running = True  # as of the last tick: no lost task to look for while no job runs
         self._version_specs: dict[tuple[str, str], list[OutputSpec]] = {}
 
     def _isolated(self, job_id: str, step: Callable[[], None]) -> bool:
@@ -444,7 +451,10 @@ class JobController:
 
     # --- events -----------------------------------------------------------------------------------
     def on_work_request(self, msg: proto.WorkRequest) -> None:
-        if msg.done is not None:
+        now = self.clock()
+        if (msg.done is not None and self._jobs_running
+                and now - self._reconciled.get(msg.device, -RECONCILE_EVERY_S) >= RECONCILE_EVERY_S):
+            self._reconciled[msg.device] = now
             self._reconcile(msg.device, set(msg.running) | set(msg.done))
         self._unready(msg.device)
         self.slots[msg.device] = slot = _Slots(msg.capacity, msg.free, dict(msg.models), msg.prefetch)
@@ -559,7 +569,9 @@ class JobController:
     def tick(self) -> None:
         """Expire leases, dispatch, and finish complete jobs: each job's part isolated."""
         now = self.clock()
-        for job in self.db.all("SELECT id, options FROM jobs WHERE state = 'RUNNING'"):
+        running = self.db.all("SELECT id, options FROM jobs WHERE state = 'RUNNING'")
+        self._jobs_running = bool(running)
+        for job in running:
             self._isolated(job["id"], lambda j=job: (self._options(j), self._expire_leases(j, now)))
         self.dispatch()
         for job in self.db.all("SELECT id, output, format FROM jobs WHERE state = 'RUNNING'"):
@@ -601,26 +613,33 @@ class JobController:
 
     def _budgets(self, model: str, selector: Mapping[str, str]) -> dict[str, int]:
         """Ready devices for ``model`` matching ``selector``, each with how many more tasks it may
-        hold (``capacity + prefetch`` less its leases), until :data:`ROUND_TASKS` are found."""
+        hold (``capacity + prefetch`` less its leases), until :data:`ROUND_TASKS` are found. The
+        leases are counted for many devices per query (a query is a round trip on PostgreSQL)."""
         budgets: dict[str, int] = {}
         total = 0
         ready = self.ready[model]
+        candidates: list[str] = []
         for dev in list(ready):
             online, tags = self.registry.presence(dev)
             if not online:
                 self._unready(dev)
                 continue
-            if not matches(tags, selector):
-                continue
-            leased = self.db.scalar("SELECT COUNT(*) FROM tasks WHERE device = ? AND state = 'LEASED'", (dev,))
-            budget = self.slots[dev].limit - int(leased or 0)
-            if budget <= 0:
-                ready.pop(dev, None)
-                continue
-            budgets[dev] = budget
-            total += budget
-            if total >= ROUND_TASKS:
-                break
+            if matches(tags, selector):
+                candidates.append(dev)
+        for start in range(0, len(candidates), _BUDGET_QUERY_DEVICES):
+            group = candidates[start : start + _BUDGET_QUERY_DEVICES]
+            leased = {r["device"]: int(r["n"]) for r in self.db.all(
+                "SELECT device, COUNT(*) AS n FROM tasks WHERE state = 'LEASED' AND device IN "
+                f"({', '.join('?' * len(group))}) GROUP BY device", group)}
+            for dev in group:
+                budget = self.slots[dev].limit - leased.get(dev, 0)
+                if budget <= 0:
+                    ready.pop(dev, None)
+                    continue
+                budgets[dev] = budget
+                total += budget
+                if total >= ROUND_TASKS:
+                    return budgets
         return budgets
 
     def _dispatch_job(self, job: Any) -> int:
@@ -640,6 +659,7 @@ class JobController:
         queue = deque(pending)
         sent = 0
         round_bytes = 0
+        leases: list[tuple[str, float, str, str]] = []  # written in one statement after the round
         while queue and budgets:  # one task per device per pass: spread evenly, then fill
             for dev in list(budgets):
                 if not queue:
@@ -647,9 +667,7 @@ class JobController:
                 t = queue.popleft()
                 task = proto.Task(t["id"], job["id"], job["model"], lease_s, [x[t["start"] : t["stop"]] for x in inputs],
                                   attempt=t["dispatches"] + 1, quant=list(opts.get("quant") or []))
-                self.db.execute("UPDATE tasks SET state = 'LEASED', device = ?, lease_until = ?, version = ?, "
-                                "dispatches = dispatches + 1 WHERE id = ?",
-                                (dev, now + lease_s, self.slots[dev].models[job["model"]], t["id"]))
+                leases.append((dev, now + lease_s, self.slots[dev].models[job["model"]], t["id"]))
                 for frame in self._frames(dev, task):
                     self.send_task(dev, t["id"], frame)
                     round_bytes += len(frame)
@@ -658,6 +676,8 @@ class JobController:
                 if budgets[dev] <= 0:
                     del budgets[dev]
                     self.ready[job["model"]].pop(dev, None)  # full: back when it announces free slots
+        self.db.executemany("UPDATE tasks SET state = 'LEASED', device = ?, lease_until = ?, version = ?, "
+                            "dispatches = dispatches + 1 WHERE id = ?", leases)
         if round_bytes:
             self.db.execute("UPDATE jobs SET bytes_sent = bytes_sent + ? WHERE id = ?", (round_bytes, job["id"]))
         return sent

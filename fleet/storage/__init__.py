@@ -123,6 +123,16 @@ class FleetDB:
         cur = self.execute("INSERT INTO seen (id, at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING", (message_id, now))
         return cur.rowcount == 1
 
+    def first_sights(self, message_ids: Iterable[str], now: float) -> set[str]:
+        """Record many durable message ids in one statement (one round trip); the ids among them
+        not stored before."""
+        ids = list(dict.fromkeys(message_ids))
+        if not ids:
+            return set()
+        rows = self.all(f"INSERT INTO seen (id, at) VALUES {', '.join(['(?, ?)'] * len(ids))} "
+                        "ON CONFLICT (id) DO NOTHING RETURNING id", [v for i in ids for v in (i, now)])
+        return {r[0] for r in rows}
+
     def schema_version(self) -> int:
         return int(self.scalar("SELECT version FROM schema_version") or 0)
 
