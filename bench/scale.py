@@ -102,6 +102,17 @@ def step(name: str, controller: Controller, run: Callable[[], Any]) -> dict[str,
     return row
 
 
+def _end(proc: subprocess.Popen) -> None:
+    """Stop simulated devices for good before the next backend's steps: devices left running
+    would go on talking to the same broker, and the next controller would serve them too."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace, bundle: Path) -> list[dict[str, Any]]:
     from fleet import Fleet
 
@@ -170,14 +181,12 @@ def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace, bun
             rows.append(step("rollout", controller, rollout))
             rows.append(step(f"job on {args.devices:,} devices", controller, job_on("all", args.samples)))
         finally:
-            few.send_signal(signal.SIGTERM)
-            few.wait(60)
+            _end(few)
         for r in rows:
             r["backend"] = backend
     finally:
         if sims is not None:
-            sims.send_signal(signal.SIGTERM)
-            sims.wait(120)
+            _end(sims)
         controller.stop()
         if db:
             import psycopg
