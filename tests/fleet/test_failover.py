@@ -178,9 +178,9 @@ def test_the_leader_process_killed_mid_job_and_mid_rollout(broker, spawn, agent_
 
 def test_commands_from_another_machine_go_through_the_database(broker, make_sims, spawn, edgesdk_cli, tmp_path,
                                                                eventually, digits_bundle_v2, fleet_db) -> None:
-    """With PostgreSQL, a command run with another state directory (another machine: no file of
-    the controller's in reach) deploys, runs a job and writes its results, through the database
-    and whichever controller leads. (SQLite keeps bundles and inputs beside its file: one machine.)"""
+    """With PostgreSQL, commands run with another state directory (another machine: no file of
+    the controller's in reach) deploy, watch the rollout, run a job and write its results again
+    later, through the database and whichever controller leads. (SQLite keeps bundles and inputs beside its file: one machine.)"""
     import json
 
     import numpy as np
@@ -191,13 +191,20 @@ def test_commands_from_another_machine_go_through_the_database(broker, make_sims
     args = ["fleet", "--broker", broker.url, "--state", elsewhere]
     assert eventually(lambda: json.loads(edgesdk_cli(*args, "devices", "--json").stdout or "[]")
                       and all(d["online"] for d in json.loads(edgesdk_cli(*args, "devices", "--json").stdout)))
-    r = edgesdk_cli(*args, "deploy", digits_bundle_v2.path, "--devices", ",".join(sims.ids), "--json")
+    r = edgesdk_cli(*args, "deploy", digits_bundle_v2.path, "--devices", ",".join(sims.ids), "--no-wait", "--json")
+    assert r.returncode == 0, r.stderr
+    rollout = json.loads(r.stdout)["rollout"]
+    r = edgesdk_cli(*args, "rollout", rollout, "--watch", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "SUCCEEDED", r.stderr
-    assert "watching it work" in r.stderr
+    assert [v["id"] for v in json.loads(edgesdk_cli(*args, "rollouts", "--json").stdout)] == [rollout]
     x = np.arange(120, dtype=np.float32).reshape(30, 4)
     np.save(tmp_path / "x.npy", x)
     r = edgesdk_cli(*args, "run", "noop", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz", "--json")
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["y"], x)
+    (job,) = [j["id"] for j in json.loads(edgesdk_cli(*args, "jobs", "--json").stdout)]
+    r = edgesdk_cli(*args, "job", job, "-o", tmp_path / "again.npz", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "SUCCEEDED", r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["y"], x)
     if fleet_db:
         assert not (elsewhere / "bundles").exists() and not (elsewhere / "jobs").exists()  # nothing kept here
