@@ -104,13 +104,13 @@ class Broker:
 
 
 class Cluster:
-    """A 3-node NATS cluster with MQTT and JetStream (the tests' own, ``tests/brokers.py``): the
+    """A 3-node NATS cluster with MQTT and JetStream (the tests' own, ``tests/servers.py``): the
     controllers list node 0 first, the agents nodes 1 and 2; each broker fault SIGKILLs the next
     node in turn, so every client's first node dies at some point, and starts it again."""
 
     def __init__(self, root: Path) -> None:
         sys.path.insert(0, str(ROOT / "tests"))
-        from brokers import NatsCluster
+        from servers import NatsCluster
 
         root.mkdir(parents=True, exist_ok=True)
         self.nodes = NatsCluster(root)

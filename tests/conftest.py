@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brokers import NatsCluster, free_port  # noqa: F401  (shared with bench/chaos.py)
+from servers import NatsCluster, PostgresServer, free_port  # noqa: F401  (shared with bench/chaos.py)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -736,110 +736,6 @@ def wide_image_bundle(tmp_path_factory: pytest.TempPathFactory, signing_keys: Ke
 def reversioned():
     """:func:`reversion_bundle`: ``reversioned(src, version, private_key_path, out)``."""
     return reversion_bundle
-
-
-class PostgresServer:
-    """A PostgreSQL server for the fleet's tests: the one answering on ``$EDGESDK_TEST_PG_URL``
-    (default ``postgresql://postgres@127.0.0.1:5432/postgres``) when it does, else a private
-    instance made with ``initdb`` and started with ``pg_ctl`` on a free loopback port (set
-    ``EDGESDK_TEST_PG=private`` to always make one). Each test gets a database of its own
-    (:meth:`create_database`), dropped after it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.private = False
-        self.admin_url = os.environ.get("EDGESDK_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-        if os.environ.get("EDGESDK_TEST_PG") == "private" or not self._answers(self.admin_url):
-            self._start_private()
-
-    @staticmethod
-    def _answers(url: str) -> bool:
-        import psycopg
-
-        try:
-            psycopg.connect(url, connect_timeout=3).close()
-            return True
-        except psycopg.Error:
-            return False
-
-    def _as_owner(self) -> list[str]:
-        """initdb and postgres refuse to run as root: run them as the ``postgres`` user (Debian's
-        package makes it) or ``nobody``, owning the data directory."""
-        if os.geteuid() != 0:
-            return []
-        import pwd
-        import shutil as _shutil
-
-        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
-        if user is None or _shutil.which("setpriv") is None:
-            pytest.fail("a private PostgreSQL needs a non-root user (postgres or nobody) and setpriv (util-linux)")
-        entry = pwd.getpwnam(user)
-        os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
-
-    def _start_private(self) -> None:
-        import glob
-        import shutil as _shutil
-        import time
-
-        tools = [p for p in ("initdb", "pg_ctl") if _shutil.which(p)]
-        bindir = "" if len(tools) == 2 else next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"))), "")
-        if len(tools) < 2 and not bindir:
-            pytest.fail("no PostgreSQL answers and initdb/pg_ctl are missing: run .ci/setup "
-                        "(apt-get install -y postgresql)")
-        exe = (lambda name: os.path.join(bindir, name)) if bindir else (lambda name: name)
-        self.private = True
-        self.port = free_port()
-        self.data = self.root / "data"
-        prefix = self._as_owner()
-        subprocess.run([*prefix, exe("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        subprocess.run([*prefix, exe("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w",
-                        "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                        "start"], check=True, stdout=subprocess.DEVNULL)
-        self._stop = [*prefix, exe("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
-        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        deadline = time.monotonic() + 30
-        while not self._answers(self.admin_url):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the private PostgreSQL did not start: {(self.root / 'postgres.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def url(self, database: str) -> str:
-        return self.admin_url.rsplit("/", 1)[0] + "/" + database
-
-    def create_database(self) -> str:
-        import uuid
-
-        import psycopg
-
-        name = "edgesdk_test_" + uuid.uuid4().hex[:10]
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
-    def drop_database(self, url: str) -> None:
-        import psycopg
-
-        from fleet.storage import close_storage
-
-        close_storage(url)
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
-
-    def stop(self) -> None:
-        if self.private:
-            subprocess.run(self._stop, check=False, stdout=subprocess.DEVNULL)
-
-
-def _has_user(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
 
 
 @pytest.fixture(scope="session")
