@@ -614,33 +614,43 @@ class JobController:
     def _budgets(self, model: str, selector: Mapping[str, str]) -> dict[str, int]:
         """Ready devices for ``model`` matching ``selector``, each with how many more tasks it may
         hold (``capacity + prefetch`` less its leases), until :data:`ROUND_TASKS` are found. The
-        leases are counted for many devices per query (a query is a round trip on PostgreSQL)."""
+        leases are counted for many devices per query (a query is a round trip on PostgreSQL),
+        and the ready set is read only as far as the round needs."""
         budgets: dict[str, int] = {}
-        total = 0
         ready = self.ready[model]
-        candidates: list[str] = []
+        group: list[str] = []
         for dev in list(ready):
             online, tags = self.registry.presence(dev)
             if not online:
                 self._unready(dev)
                 continue
-            if matches(tags, selector):
-                candidates.append(dev)
-        for start in range(0, len(candidates), _BUDGET_QUERY_DEVICES):
-            group = candidates[start : start + _BUDGET_QUERY_DEVICES]
-            leased = {r["device"]: int(r["n"]) for r in self.db.all(
-                "SELECT device, COUNT(*) AS n FROM tasks WHERE state = 'LEASED' AND device IN "
-                f"({', '.join('?' * len(group))}) GROUP BY device", group)}
-            for dev in group:
-                budget = self.slots[dev].limit - leased.get(dev, 0)
-                if budget <= 0:
-                    ready.pop(dev, None)
-                    continue
-                budgets[dev] = budget
-                total += budget
-                if total >= ROUND_TASKS:
+            if not matches(tags, selector):
+                continue
+            group.append(dev)
+            if len(group) == _BUDGET_QUERY_DEVICES:
+                budgets.update(self._room(group, ready))
+                group = []
+                if sum(budgets.values()) >= ROUND_TASKS:
                     return budgets
+        budgets.update(self._room(group, ready))
         return budgets
+
+    def _room(self, group: list[str], ready: dict[str, None]) -> dict[str, int]:
+        """How many more tasks each device of ``group`` may hold, from one query; a device with
+        no room leaves ``ready`` until it announces free slots again."""
+        if not group:
+            return {}
+        leased = {r["device"]: int(r["n"]) for r in self.db.all(
+            "SELECT device, COUNT(*) AS n FROM tasks WHERE state = 'LEASED' AND device IN "
+            f"({', '.join('?' * len(group))}) GROUP BY device", group)}
+        room: dict[str, int] = {}
+        for dev in group:
+            budget = self.slots[dev].limit - leased.get(dev, 0)
+            if budget > 0:
+                room[dev] = budget
+            else:
+                ready.pop(dev, None)
+        return room
 
     def _dispatch_job(self, job: Any) -> int:
         opts = self._options(job)
