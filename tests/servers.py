@@ -147,14 +147,16 @@ class PostgresServer:
         bindir = "" if len(tools) == 2 else next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"))), "")
         if len(tools) < 2 and not bindir:
             raise RuntimeError("no PostgreSQL answers and initdb/pg_ctl are missing: run .ci/setup "
-                        "(apt-get install -y postgresql)")
+                               "(apt-get install -y postgresql)")
         exe = (lambda name: os.path.join(bindir, name)) if bindir else (lambda name: name)
         self.private = True
         self.port = free_port()
         prefix = self._as_owner()  # may move self.root (see there)
         self.data = self.root / "data"
-        subprocess.run([*prefix, exe("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        made = subprocess.run([*prefix, exe("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                               "-E", "UTF8"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed for a private PostgreSQL in {self.root}: {made.stderr.strip()[-2000:]}")
         subprocess.run([*prefix, exe("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w",
                         "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
                         "start"], check=True, stdout=subprocess.DEVNULL)
