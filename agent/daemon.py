@@ -34,11 +34,13 @@ import numpy as np
 import sdk
 from sdk import protocol as proto
 from sdk.bundle import Bundle
+from sdk.device import pin_refusal
 from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, InferenceError, InstallError, ProtocolError
 from sdk.runtime import DelegateOptions, Runtime, available_delegates, find_runtime
 from sdk.signing import load_public_keys
 
 from .config import AgentConfig
+from .desired import SETTINGS as DESIRED_SETTINGS
 from .desired import DesiredState
 from .installer import PreparedInstall, compare_latency, prepare_install
 from .localapi import LocalApiServer
@@ -63,7 +65,7 @@ class Agent:
         #: the fleet's desired configuration, kept in the state dir (agent.desired): its settings
         #: take the place of the file's from the start, before any model loads
         self.desired = DesiredState.load(config.state_dir, config)
-        for key in ("tags", "threads", "pool_size", "heartbeat_interval", "work_slots"):
+        for key in DESIRED_SETTINGS:
             setattr(config, key, self.desired.effective(key))
         self.options = DelegateOptions(
             num_threads=config.threads,
@@ -221,10 +223,9 @@ class Agent:
         with self._install_lock:
             prepared = self._prepare(raw, source)
             name, version = prepared.name, prepared.version
-            pinned = self.desired.pinned(name)
-            if pinned is not None and pinned != version:
-                raise InstallError(f"{name} is pinned to version {pinned} by the fleet's desired configuration: "
-                                   f"{version} refused (edgesdk fleet config unset models.{name} lifts the pin)")
+            refusal = pin_refusal(name, version, self.desired.pins)
+            if refusal is not None:
+                raise InstallError(refusal)
             if expected is not None and (name, version) != tuple(expected):
                 raise InstallError(f"the bundle is {name}@{version}, the install command named "
                                    f"{expected[0]}@{expected[1]}: refused (check the rollout's model and version)")

@@ -20,19 +20,21 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sdk import protocol as proto
 from sdk.errors import EdgeSdkError, ProtocolError
 
 log = logging.getLogger("edgesdk.agent.desired")
 
-__all__ = ["DesiredState", "FILE_NAME"]
+__all__ = ["DesiredState", "FILE_NAME", "SETTINGS"]
 
 FILE_NAME = "desired-config.json"
 
 #: settings whose value the configuration file gives when the fleet does not
 _FROM_FILE = ("threads", "pool_size", "heartbeat_interval", "work_slots")
+#: the agent configuration's attributes the desired configuration can set
+SETTINGS = ("tags", *_FROM_FILE)
 
 
 @dataclass
@@ -69,8 +71,10 @@ class DesiredState:
             return {**self.base["tags"], **self.config.get("tags", {})}
         return self.config.get(key, self.base[key])
 
-    def pinned(self, model: str) -> Optional[str]:
-        return self.config.get("models", {}).get(model)
+    @property
+    def pins(self) -> dict[str, str]:
+        """Models pinned to a version: model -> version."""
+        return self.config.get("models", {})
 
     def accept(self, cmd: proto.ConfigCommand) -> None:
         """Take a newer command and keep it (an older or repeated one changes nothing)."""

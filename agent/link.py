@@ -62,7 +62,7 @@ from sdk import delta as delta_mod
 from sdk import protocol as proto
 from sdk.errors import BackpressureError, BrokerError, EdgeSdkError, InstallError, ProtocolError
 from sdk.mqtt import MqttConnection, MqttSettings
-from sdk.device import DECODERS, FleetSession, WorkSlots, plan_fetch, rebuild, send_due, subscriptions
+from sdk.device import DECODERS, FleetSession, WorkSlots, pin_refusal, plan_fetch, rebuild, send_due, subscriptions
 from sdk.pieces import PieceRefused, Reassembler
 
 from .daemon import Agent
@@ -555,10 +555,9 @@ class AgentLink:
             self._report("SUCCEEDED", cmd.model, cmd.version, "already active", cmd.rollout,
                          self.agent.store.previous(cmd.model))
             return
-        pinned = self.agent.desired.pinned(cmd.model)
-        if pinned is not None and pinned != cmd.version:  # refused before anything is fetched
-            self._report("FAILED", cmd.model, cmd.version, f"{cmd.model} is pinned to version {pinned} by the fleet's "
-                         "desired configuration", cmd.rollout)
+        refusal = pin_refusal(cmd.model, cmd.version, self.agent.desired.pins)
+        if refusal is not None:  # refused before anything is fetched
+            self._report("FAILED", cmd.model, cmd.version, refusal, cmd.rollout)
             return
         if not self.agent.runtime.supports(cmd.min_runtime_version):
             rt = self.agent.runtime

@@ -219,8 +219,9 @@ class ConfigSender:
         return self._entries
 
     def on_status(self, status: proto.Status) -> None:
-        """A device's status: send it its configuration when it is behind."""
-        if status.online:
+        """A device's status: send it its configuration when it is behind (against the entries the
+        last tick read: no query per status; an entry changed since is sent by the next tick)."""
+        if status.online and self._entries:
             self._offer(status.device, status.tags, status.config_revision)
 
     def tick(self) -> None:
@@ -242,7 +243,7 @@ class ConfigSender:
             self._offer(r["id"], tags, reported)
 
     def _offer(self, device: str, tags: Mapping[str, str], reported: int) -> None:
-        wanted = desired_for(self._current(), device, tags)
+        wanted = desired_for(self._entries or [], device, tags)
         if wanted.revision <= reported:
             self._sent.pop(device, None)
             return

@@ -109,11 +109,11 @@ class Engine:
         self.leadership.prepare(self.db)
         self.db.execute("DELETE FROM seen WHERE at < ?", (self.clock() - 30 * 86400,))
         self.registry = Registry(self.db, cache=True)
-        self.rollouts = RolloutController(self.db, self.registry, self._send_install, self._send_rollback, self.clock,
+        self.rollouts = RolloutController(self.db, self.registry, self._send_command, self._send_command, self.clock,
                                           isolate=self.isolated, deltas=self.deltas)
         self.jobs = JobController(self.db, self.registry, self._send_task, self.clock, isolate=self.isolated,
                                   stats=self.stats, max_packet=self.max_packet, blobs=self.storage.blobs)
-        self.configs = ConfigSender(self.db, self._send_config)
+        self.configs = ConfigSender(self.db, self._send_command)
         will = (proto.fleet_topic(), proto.FleetStatus(online=False, session=self.session).to_payload(), 1, True)
         # presence at QoS 0: a broker queues at most so many QoS-1 messages per client (Mosquitto:
         # max_queued_messages, 1000), and the retained statuses of 10,000 devices arrive in one
@@ -436,13 +436,8 @@ class Engine:
             return False
 
     # seams the controllers call (inside the engine's transaction: queued until the commit)
-    def _send_install(self, device: str, cmd: proto.InstallCommand) -> None:
-        self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
-
-    def _send_rollback(self, device: str, cmd: proto.RollbackCommand) -> None:
-        self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
-
-    def _send_config(self, device: str, cmd: proto.ConfigCommand) -> None:
+    def _send_command(self, device: str, cmd: proto.Message) -> None:
+        """An install, rollback or configuration command to ``device``."""
         self._outgoing.append((proto.topic(device, "cmd"), cmd.to_payload(), 1, None))
 
     def _send_task(self, device: str, task_id: str, payload: bytes) -> None:

@@ -43,7 +43,8 @@ from sdk import protocol as proto
 from sdk.chunkflow import ChunkWindow, HashMemo, blob_matches, chunk_fits
 from sdk.errors import BrokerError
 from sdk.mqtt import MqttConnection, MqttSettings
-from sdk.device import DECODERS, FleetSession, MemoryOutbox, WorkSlots, plan_fetch, rebuild, send_due, subscriptions
+from sdk.device import (DECODERS, FleetSession, MemoryOutbox, WorkSlots, pin_refusal, plan_fetch, rebuild,
+                        send_due, subscriptions)
 from sdk.pieces import PieceRefused, Reassembler
 
 log = logging.getLogger("edgesdk.fleet.sim")
@@ -325,10 +326,9 @@ class SimulatedDevices:
         return self._blobs.get(sha256) if sha256 in d.bundles() else None
 
     def _on_install(self, d: _Device, cmd: proto.InstallCommand) -> None:
-        pinned = d.pins.get(cmd.model)
-        if pinned is not None and pinned != cmd.version:
-            self._report(d, cmd, "FAILED", cmd.version, f"{cmd.model} is pinned to version {pinned} by the fleet's "
-                         "desired configuration")
+        refusal = pin_refusal(cmd.model, cmd.version, d.pins)
+        if refusal is not None:
+            self._report(d, cmd, "FAILED", cmd.version, refusal)
             return
         if d.models.get(cmd.model) == cmd.version:
             self._report(d, cmd, "SUCCEEDED", cmd.version, "already active", previous_version=d.previous.get(cmd.model))

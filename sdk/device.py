@@ -38,7 +38,7 @@ from . import protocol as proto
 from .errors import BrokerError
 
 __all__ = ["subscriptions", "DECODERS", "WorkSlots", "OutboxLike", "OutboxMessage", "MemoryOutbox", "send_due",
-           "FleetSession", "plan_fetch", "rebuild"]
+           "FleetSession", "plan_fetch", "rebuild", "pin_refusal"]
 
 #: channel -> the decoder of sdk.protocol every message on it goes through
 DECODERS: dict[str, Callable[[bytes], Any]] = {
@@ -226,6 +226,16 @@ class FleetSession:
             return False
         self.current = status.session
         return True
+
+
+def pin_refusal(model: str, version: str, pins: dict[str, str]) -> Optional[str]:
+    """Why installing ``model``@``version`` is refused when the fleet's desired configuration pins
+    the model to another version (``pins``: model -> version); None when it is not."""
+    pinned = pins.get(model)
+    if pinned is None or pinned == version:
+        return None
+    return (f"{model} is pinned to version {pinned} by the fleet's desired configuration: {version} refused "
+            f"(edgesdk fleet config unset models.{model} lifts the pin)")
 
 
 def plan_fetch(cmd: proto.InstallCommand, has_base: Callable[[str], bool],
